@@ -1,4 +1,26 @@
-"""SAR-RARP50 release on disk -> validated, split, augmented training samples."""
+"""SAR-RARP50 release on disk -> validated, split, augmented training samples.
+
+Layout (see README): ROOT/{train,test}/video_XX/segmentation/{i:09d}.png holds the mask of
+frame i of video_left.avi, and frames/{i:09d}.png (or the official toolkit's rgb/) the frame.
+Images leave this module as uint8 RGB at training resolution (normalised on the device by the
+model: uint8 is 4x cheaper to pass between worker processes); masks stay at full resolution
+because logits are upsampled to the source resolution for the loss and the score.
+"""
+import json
+import os
+import random
+import re
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
 
 CLASS_NAMES = (
     "background", "tool clasper", "tool wrist", "tool shaft", "suturing needle",
@@ -7,3 +29,304 @@ CLASS_NAMES = (
 NUM_CLASSES = len(CLASS_NAMES)
 IGNORE_INDEX = 255  # mask value for pixels that carry no label (augmentation fill, padding)
 PATCH_SIZE = 16
+FRAME_FOLDERS = ("frames", "rgb")  # ours, and the official toolkit's
+RESOLUTION_SCALES = {"full": 1.0, "half": 0.5, "quarter": 0.25}
+STATISTICS_FILE = "mask_statistics.json"
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+PNG_GREY, PNG_PALETTE = 0, 3
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line that names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    video: str  # folder name, e.g. video_11_1
+    image: Path
+    mask: Path
+
+
+def read_png_header(path: Path) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) from the IHDR chunk; refuses truncated files."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(26)
+            if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+                raise DataError(f"{path}: not a PNG file")
+            file.seek(-len(PNG_END), os.SEEK_END)
+            tail = file.read()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    if tail != PNG_END:
+        raise DataError(f"{path}: truncated PNG (it does not end with an IEND chunk)")
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height, head[24], head[25]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask as a 2-D uint8 array of class ids; palette PNGs are refused (OpenCV would return colours)."""
+    _, _, bit_depth, colour_type = read_png_header(path)
+    if colour_type == PNG_PALETTE:
+        raise DataError(f"{path}: palette PNG; masks must be 8-bit greyscale class ids")
+    if (bit_depth, colour_type) != (8, PNG_GREY):
+        raise DataError(f"{path}: masks must be 8-bit single-channel PNGs")
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise DataError(f"{path}: unreadable PNG")
+    return mask
+
+
+def read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"{path}: unreadable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def report(error: DataError, skip_bad: bool) -> None:
+    if not skip_bad:
+        raise error
+    warnings.warn(f"skipping: {error}", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def find_video_dirs(root: Path) -> list[Path]:
+    """Every video folder (one with a segmentation/ subfolder) under root, sorted by name."""
+    return sorted((p.parent for p in Path(root).rglob("segmentation") if p.is_dir()), key=lambda p: p.name)
+
+
+def find_samples(video_dirs: list[Path], skip_bad: bool = False) -> list[Sample]:
+    """Pair each mask with its frame (frames/ or rgb/, same file name)."""
+    samples = []
+    for video_dir in video_dirs:
+        for mask in sorted((video_dir / "segmentation").glob("*.png")):
+            image = next((video_dir / f / mask.name for f in FRAME_FOLDERS if (video_dir / f / mask.name).exists()), None)
+            if image is None:
+                report(DataError(f"{mask}: no frame for this mask (expected {video_dir / 'frames' / mask.name}; "
+                                 "run scripts/extract_frames.sh)"), skip_bad)
+                continue
+            samples.append(Sample(video_dir.name, image, mask))
+    return samples
+
+
+def mask_statistics(path: Path) -> dict:
+    """Size and per-class pixel counts of one mask; refuses class ids above 9."""
+    mask = read_mask(path)
+    counts = np.bincount(mask.ravel(), minlength=256)
+    if counts[NUM_CLASSES:].any():
+        bad = np.flatnonzero(counts[NUM_CLASSES:]) + NUM_CLASSES
+        raise DataError(f"{path}: class ids {', '.join(map(str, bad[:5]))} above {NUM_CLASSES - 1}")
+    return {"shape": list(mask.shape), "pixels": counts[:NUM_CLASSES].tolist()}
+
+
+def scan_samples(samples: list[Sample], statistics_file: Path | None = None,
+                 skip_bad: bool = False) -> tuple[list[Sample], np.ndarray, tuple[int, int]]:
+    """Validate every sample in parallel; returns the good ones, their per-class pixel counts and the source size.
+
+    Mask pixel counts are cached in statistics_file keyed by path, size and modification time,
+    so the masks are read once; frame headers are checked on every call (they are cheap).
+    """
+    cache = {}
+    if statistics_file is not None and statistics_file.exists():
+        try:
+            cache = json.loads(statistics_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+
+    def scan(sample: Sample):
+        stat = sample.mask.stat()
+        key = str(sample.mask.resolve())
+        entry = cache.get(key)
+        if not entry or (entry["size"], entry["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
+            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **mask_statistics(sample.mask)}
+        width, height, _, _ = read_png_header(sample.image)
+        if [height, width] != entry["shape"]:
+            raise DataError(f"{sample.image}: frame is {width}x{height} but its mask is "
+                            f"{entry['shape'][1]}x{entry['shape'][0]}")
+        return key, entry
+
+    def scan_or_error(sample: Sample):
+        try:
+            return scan(sample)
+        except DataError as error:
+            return error
+
+    good, counts, shapes = [], [], set()
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        results = pool.map(scan_or_error, samples)
+        for sample, result in zip(samples, tqdm(results, total=len(samples), desc="checking masks", unit="mask",
+                                                 leave=False, disable=len(samples) < 200)):
+            if isinstance(result, DataError):
+                report(result, skip_bad)
+                continue
+            key, entry = result
+            cache[key] = entry
+            good.append(sample)
+            counts.append(entry["pixels"])
+            shapes.add(tuple(entry["shape"]))
+    if not good:
+        raise DataError("no usable samples found")
+    if len(shapes) > 1:
+        raise DataError(f"videos differ in size ({', '.join(f'{w}x{h}' for h, w in sorted(shapes))}); "
+                        "one run trains on one source resolution")
+    if statistics_file is not None:
+        try:
+            write_json_atomically(statistics_file, cache)
+        except OSError:
+            pass  # a read-only dataset still works, it is only scanned again next time
+    return good, np.array(counts, dtype=np.int64), shapes.pop()
+
+
+def write_json_atomically(path: Path, data) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(json.dumps(data, indent=1))
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- split and weights
+
+def operation_name(video: str) -> str:
+    """video_11_1 and video_11_2 are two parts of one operation; they must stay on one side of the split."""
+    return re.sub(r"^(video_\d+)_\d+$", r"\1", video)
+
+
+def split_by_video(videos: list[str], val_fraction: float = 0.2, seed: int = 0,
+                   val_videos: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Train/validation split by operation, never by frame (neighbouring frames are near-duplicates)."""
+    videos = sorted(set(videos))
+    operations = sorted({operation_name(v) for v in videos})
+    if val_videos:
+        chosen = {operation_name(v) for v in val_videos}
+        unknown = sorted(chosen - set(operations))
+        if unknown:
+            raise DataError(f"validation videos not found in the data: {', '.join(unknown)}")
+    else:
+        if len(operations) < 2:
+            raise DataError(f"need at least two videos to split into training and validation, found {len(operations)}")
+        count = min(len(operations) - 1, max(1, round(len(operations) * val_fraction)))
+        chosen = set(random.Random(seed).sample(operations, count))
+    train = [v for v in videos if operation_name(v) not in chosen]
+    val = [v for v in videos if operation_name(v) in chosen]
+    if not train:
+        raise DataError("every video is in the validation split; nothing is left to train on")
+    return train, val
+
+
+def class_weights_from_frequencies(frequencies: np.ndarray, c: float = 1.02) -> np.ndarray:
+    """w = 1 / ln(c + f) (ENet, Paszke et al. 2016): rare classes weigh more, bounded by 1/ln(c) = 50.5."""
+    return 1.0 / np.log(c + np.asarray(frequencies, dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------- resolution and augmentation
+
+def training_size(source_size: tuple[int, int], scale: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(content, padded) sizes as (height, width): the scaled frame, and that padded up to multiples of 16."""
+    content = tuple(max(1, round(side * scale)) for side in source_size)
+    padded = tuple(-(-side // PATCH_SIZE) * PATCH_SIZE for side in content)
+    return content, padded
+
+
+class FullResolutionMaskAffine(A.Affine):
+    """Affine whose mask may be larger than the image: the mask gets the same geometric transform.
+
+    The image is warped at training resolution (cheap), the label at full resolution (exact),
+    by conjugating the image's matrix with the scaling between the two pixel grids.
+    """
+
+    def apply_to_mask(self, mask, matrix, output_shape, **params):
+        sy, sx = mask.shape[0] / output_shape[0], mask.shape[1] / output_shape[1]
+        to_mask = np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]])  # pixel centres
+        matrix = to_mask @ np.asarray(matrix) @ np.linalg.inv(to_mask)
+        return super().apply_to_mask(mask, matrix, output_shape=mask.shape[:2], **params)
+
+
+def spatial_augmentation() -> A.Compose:
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        FullResolutionMaskAffine(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-15, 15),
+                                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                                 fill=0, fill_mask=IGNORE_INDEX, p=0.7),
+    ], is_check_shapes=False)  # the mask is at full resolution, the image at training resolution
+
+
+def colour_augmentation() -> A.Compose:
+    return A.Compose([
+        A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.03, p=0.8),
+        A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.01, 0.05))], p=0.3),
+    ])
+
+
+def cached_frame_path(image: Path, content_size: tuple[int, int]) -> Path:
+    height, width = content_size
+    return image.parent.parent / f"frames_{width}x{height}" / (image.stem + ".jpg")
+
+
+def read_scaled_image(image: Path, content_size: tuple[int, int], use_cache: bool) -> np.ndarray:
+    """The frame resized to training resolution, from the pre-scaled JPEG cache when asked.
+
+    The cache (frames_WxH/ beside frames/, JPEG quality 95, ~44 dB PSNR) is built on first
+    use and rebuilt when the source frame is newer than its cached copy.
+    """
+    cached = cached_frame_path(image, content_size)
+    if use_cache and cached.exists() and cached.stat().st_mtime_ns >= image.stat().st_mtime_ns:
+        scaled = cv2.imread(str(cached), cv2.IMREAD_COLOR)
+        if scaled is not None:
+            return cv2.cvtColor(scaled, cv2.COLOR_BGR2RGB)
+    full = read_image(image)
+    height, width = content_size
+    interpolation = cv2.INTER_AREA if height < full.shape[0] else cv2.INTER_LINEAR
+    scaled = cv2.resize(full, (width, height), interpolation=interpolation)
+    if use_cache:
+        cached.parent.mkdir(exist_ok=True)
+        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(scaled, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        temporary = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+        temporary.write_bytes(encoded.tobytes())
+        os.replace(temporary, cached)
+    return scaled
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Yields {"image": uint8 (3, H, W) at training resolution, zero-padded bottom/right to multiples of 16,
+    "mask": uint8 (source height, source width) class ids (IGNORE_INDEX where augmentation left no label),
+    "index": position in samples}.
+
+    Augmentation is seeded by (seed, epoch, index), so a sample looks the same whichever worker
+    loads it: a resumed run sees exactly the images an uninterrupted one would have.
+    """
+
+    def __init__(self, samples: list[Sample], source_size: tuple[int, int], scale: float = 0.5,
+                 augment: bool = False, cache_frames: bool = False, seed: int = 0):
+        self.samples = samples
+        self.seed, self.epoch = seed, 0
+        self.source_size = source_size
+        self.content_size, self.padded_size = training_size(source_size, scale)
+        self.cache_frames = cache_frames
+        self.spatial = spatial_augmentation() if augment else None
+        self.colour = colour_augmentation() if augment else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        image = read_scaled_image(sample.image, self.content_size, self.cache_frames)
+        mask = read_mask(sample.mask)
+        if mask.shape != self.source_size:
+            raise DataError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, expected "
+                            f"{self.source_size[1]}x{self.source_size[0]}")
+        if self.spatial is not None:
+            sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            self.spatial.set_random_seed(sample_seed)
+            self.colour.set_random_seed(sample_seed)
+            augmented = self.spatial(image=image, mask=mask)
+            image = self.colour(image=augmented["image"])["image"]
+            mask = augmented["mask"]
+        padded = np.zeros((*self.padded_size, 3), dtype=np.uint8)
+        padded[:image.shape[0], :image.shape[1]] = image
+        return {"image": torch.from_numpy(padded).permute(2, 0, 1).contiguous(),
+                "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": index}

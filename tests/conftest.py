@@ -1,0 +1,41 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def run_script(*args, check=True, cwd=ROOT, env=None):
+    """Run a project script as a user would; returns the CompletedProcess with text output."""
+    command = [str(a) for a in args]
+    if command[0].endswith(".py"):
+        command.insert(0, sys.executable)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def demo_release(tmp_path_factory):
+    """A tiny synthetic release in the SAR-RARP50 layout, frames extracted. Copy it before changing it."""
+    from make_demo_data import make_demo_dataset
+    root = tmp_path_factory.mktemp("release") / "sarrarp"
+    make_demo_dataset(root, train_videos=5, test_videos=2, seconds=3, width=128, height=96, seed=0)
+    run_script(ROOT / "scripts" / "extract_frames.sh", root, "--jobs", "2")
+    return root
+
+
+@pytest.fixture
+def release_copy(demo_release, tmp_path):
+    destination = tmp_path / "sarrarp"
+    shutil.copytree(demo_release, destination)
+    return destination
