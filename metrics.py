@@ -1,0 +1,178 @@
+"""The official SAR-RARP50 segmentation score: per-class IoU and NSD, averaged frame -> video -> dataset."""
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from dataset import CLASS_NAMES, NUM_CLASSES
+
+SCORED_CLASSES = range(1, NUM_CLASSES)  # background is never scored
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+class PredictionError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# one frame
+
+def reference_frame_scores(prediction: np.ndarray, ground_truth: np.ndarray,
+                           tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """Full-frame distance transforms per class, as the challenge toolkit does; kept for tests and benchmarks."""
+    iou, nsd = np.ones(NUM_CLASSES - 1), np.ones(NUM_CLASSES - 1)
+    for k, c in enumerate(SCORED_CLASSES):
+        p, g = prediction == c, ground_truth == c
+        if not p.any() and not g.any():
+            continue
+        if not p.any() or not g.any():
+            iou[k] = nsd[k] = 0.0
+            continue
+        iou[k] = (p & g).sum() / (p | g).sum()
+        p_edge = p & ~ndimage.binary_erosion(p, border_value=0)
+        g_edge = g & ~ndimage.binary_erosion(g, border_value=0)
+        to_g = ndimage.distance_transform_edt(~g_edge)
+        to_p = ndimage.distance_transform_edt(~p_edge)
+        close = (to_g[p_edge] <= tolerance).sum() + (to_p[g_edge] <= tolerance).sum()
+        nsd[k] = close / (p_edge.sum() + g_edge.sum())
+    return iou, nsd
+
+
+def _boundary(mask):
+    """Pixels with a 4-neighbour outside the mask; zero border, so pixels on the crop's edge count."""
+    return mask - cv2.erode(mask, CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _within(edge_from, edge_to, tolerance):
+    """Which pixels of edge_from lie within tolerance of any pixel of edge_to (exact Euclidean)."""
+    distance = cv2.distanceTransform(1 - edge_to, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[edge_from.view(bool)]
+    # float32 sqrt from OpenCV -> the exact integer squared distance -> the same float64 sqrt scipy compares
+    return np.sqrt(np.rint(distance.astype(np.float64) ** 2)) <= tolerance
+
+
+def frame_scores(prediction: np.ndarray, ground_truth: np.ndarray,
+                 tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """IoU and NSD of classes 1..9, each class on a crop around it; equal to reference_frame_scores."""
+    if prediction.shape != ground_truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and ground truth {ground_truth.shape} differ in shape")
+    iou, nsd = np.ones(NUM_CLASSES - 1), np.ones(NUM_CLASSES - 1)
+    for k, c in enumerate(SCORED_CLASSES):
+        p, g = (prediction == c).view(np.uint8), (ground_truth == c).view(np.uint8)
+        px, py, pw, ph = cv2.boundingRect(p)
+        gx, gy, gw, gh = cv2.boundingRect(g)
+        if pw == 0 and gw == 0:
+            continue
+        if pw == 0 or gw == 0:
+            iou[k] = nsd[k] = 0.0
+            continue
+        # Crop to the union bounding box. It holds every boundary pixel of both masks, so distances measured
+        # inside it are exact and need no margin; and a mask pixel on the crop's edge is on its own mask's
+        # bounding box, hence boundary in the full image as well, which the zero-border erosion reproduces.
+        x0, y0 = min(px, gx), min(py, gy)
+        x1, y1 = max(px + pw, gx + gw), max(py + ph, gy + gh)
+        p, g = p[y0:y1, x0:x1], g[y0:y1, x0:x1]
+        iou[k] = np.count_nonzero(p & g) / np.count_nonzero(p | g)
+        p_edge, g_edge = _boundary(p), _boundary(g)
+        close = _within(p_edge, g_edge, tolerance).sum() + _within(g_edge, p_edge, tolerance).sum()
+        nsd[k] = close / (np.count_nonzero(p_edge) + np.count_nonzero(g_edge))
+    return iou, nsd
+
+
+def confusion_matrix(prediction: np.ndarray, ground_truth: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Pixel counts, rows = ground truth class, columns = predicted class."""
+    pairs = ground_truth.ravel().astype(np.int64)
+    pairs *= num_classes
+    pairs += prediction.ravel()
+    return np.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+# -----------------------------------------------------------------------------
+# frames -> videos -> dataset
+
+def summarize(frame_results: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict:
+    """Video name -> [(iou, nsd) per frame] => dataset, per-video and per-class means (every video weighs the same)."""
+    if not frame_results or not all(frame_results.values()):
+        raise ValueError("every video needs at least one scored frame")
+    per_video = {name: np.array(frames, dtype=np.float64).mean(axis=0) for name, frames in frame_results.items()}
+    per_class = np.mean(list(per_video.values()), axis=0)  # (2, 9): IoU and NSD per class, mean over videos
+    miou, mnsd = per_class.mean(axis=1)
+    return {
+        "mIoU": float(miou),
+        "mNSD": float(mnsd),
+        "score": float(np.sqrt(miou * mnsd)),
+        "videos": {name: {"mIoU": float(v[0].mean()), "mNSD": float(v[1].mean()), "frames": len(frame_results[name])}
+                   for name, v in per_video.items()},
+        "classes": {CLASS_NAMES[c]: {"IoU": float(per_class[0, k]), "NSD": float(per_class[1, k])}
+                    for k, c in enumerate(SCORED_CLASSES)},
+        "frames": sum(len(frames) for frames in frame_results.values()),
+    }
+
+
+# -----------------------------------------------------------------------------
+# directories on disk
+
+def read_label_png(path) -> np.ndarray:
+    """An 8-bit single-channel PNG as class ids 0..9."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise PredictionError(f"{path}: cannot read ({error.strerror})") from None
+    # IHDR is always the first chunk: signature, length, b"IHDR", width, height, bit depth, colour type
+    if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise PredictionError(f"{path}: not a PNG file")
+    bit_depth, colour_type = data[24], data[25]
+    if colour_type == 3:
+        raise PredictionError(f"{path}: palette PNG; write class ids as 8-bit single-channel greyscale")
+    if bit_depth != 8 or colour_type != 0:
+        raise PredictionError(f"{path}: {bit_depth}-bit PNG of colour type {colour_type}; need 8-bit single-channel")
+    labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if labels is None or labels.ndim != 2 or labels.dtype != np.uint8:
+        raise PredictionError(f"{path}: cannot decode as an 8-bit single-channel image")
+    if labels.max() >= NUM_CLASSES:
+        raise PredictionError(f"{path}: value {labels.max()} above {NUM_CLASSES - 1}")
+    return labels
+
+
+def _score_files(paths):
+    ground_truth_path, prediction_path = paths
+    ground_truth, prediction = read_label_png(ground_truth_path), read_label_png(prediction_path)
+    if prediction.shape != ground_truth.shape:
+        raise PredictionError(f"{prediction_path}: size {prediction.shape[1]}x{prediction.shape[0]}, "
+                              f"ground truth is {ground_truth.shape[1]}x{ground_truth.shape[0]}")
+    return (*frame_scores(prediction, ground_truth), confusion_matrix(prediction, ground_truth))
+
+
+def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None = None, progress: bool = True) -> dict:
+    """Official score of PRED/video_*/segmentation/*.png against the same names under GT; missing files score 0."""
+    ground_truth_dir, prediction_dir = Path(ground_truth_dir), Path(prediction_dir)
+    masks = [mask.relative_to(ground_truth_dir)
+             for video in sorted(ground_truth_dir.glob("video_*")) if (video / "segmentation").is_dir()
+             for mask in sorted((video / "segmentation").glob("*.png"))]
+    if not masks:
+        raise ValueError(f"{ground_truth_dir}: no video_*/segmentation/*.png ground-truth masks")
+    has_prediction = {m: (prediction_dir / m).is_file() for m in masks}
+    found = [m for m in masks if has_prediction[m]]
+    missing = [m for m in masks if not has_prediction[m]]
+    jobs = [(ground_truth_dir / m, prediction_dir / m) for m in found]
+    workers = workers or os.cpu_count()
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        scored = pool.map(_score_files, jobs, chunksize=4) if pool else map(_score_files, jobs)
+        scored = list(tqdm(scored, total=len(jobs), desc="scoring", unit="frame", disable=not progress))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    frame_results = {m.parts[0]: [] for m in masks}
+    for m, (iou, nsd, _) in zip(found, scored):
+        frame_results[m.parts[0]].append((iou, nsd))
+    for m in missing:  # no prediction: 0 on every class, both metrics; nothing added to the confusion matrix
+        frame_results[m.parts[0]].append((np.zeros(NUM_CLASSES - 1), np.zeros(NUM_CLASSES - 1)))
+    confusion = sum((s[2] for s in scored), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+    return {**summarize(frame_results), "missing": [m.as_posix() for m in missing], "confusion": confusion.tolist(),
+            "ground_truth_dir": str(ground_truth_dir), "prediction_dir": str(prediction_dir)}
