@@ -1,0 +1,257 @@
+"""DINOv3 ViT backbone with LoRA adapters and a per-patch MLP head for instrument segmentation."""
+import json
+import os
+
+import huggingface_hub
+import torch
+import torch.nn.functional as F
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub.errors import (
+    GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+)
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DINOv3ViTConfig, DINOv3ViTModel, PreTrainedConfig
+
+from dataset import NUM_CLASSES, PATCH_SIZE
+
+DEFAULT_BACKBONE = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ViT-B/16 pretrained on LVD-1689M
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # DINOv3ViTAttention's projections
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+class BackboneError(RuntimeError):
+    """The backbone or its token cannot be had; the message says what the user should do."""
+
+
+def resolve_hf_token(token_file: str | None = None) -> str | None:
+    """Token from token_file, else $HF_TOKEN, else ./hf_token.txt, else the `hf auth login` token."""
+    if token_file is not None:
+        if not os.path.isfile(token_file):
+            raise BackboneError(f"token file {token_file} does not exist: pass the file holding your Hugging Face token")
+        with open(token_file) as f:
+            token = f.read().strip()
+        if not token:
+            raise BackboneError(f"token file {token_file} is empty: put your Hugging Face token in it")
+        return token
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if token:
+        return token
+    if os.path.isfile("hf_token.txt"):
+        with open("hf_token.txt") as f:
+            token = f.read().strip()
+        if token:
+            return token
+    token = huggingface_hub.get_token()
+    return token.strip() if token else None
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now, not only as it was when huggingface_hub was imported."""
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return huggingface_hub.is_offline_mode() or env.strip().lower() in ("1", "on", "yes", "true")
+
+
+def _unreachable(name: str) -> BackboneError:
+    return BackboneError(
+        f"cannot reach the Hugging Face hub to download {name}: "
+        "pass a local --backbone directory, or run with network access"
+    )
+
+
+def _gated(name: str) -> BackboneError:
+    return BackboneError(
+        f"{name} is gated: accept its licence on the hub and put your token in hf_token.txt, "
+        "set HF_TOKEN, or pass --hf-token-file (or a local --backbone directory)"
+    )
+
+
+def _probe_hub(name: str, token: str | None) -> None:
+    """Fail within seconds, with a clear message, where a plain hub download would retry for ~45 s."""
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), token=token, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise _gated(name) from None
+    except RepositoryNotFoundError:
+        if token is None:
+            raise _gated(name) from None
+        raise BackboneError(f"{name} is not on the Hugging Face hub or your token cannot see it: check the name") from None
+    except HfHubHTTPError as e:
+        if e.response is not None and e.response.status_code in (401, 403):
+            raise _gated(name) from None
+        raise _unreachable(name) from None
+    except Exception:  # DNS, connection refused, timeout, offline mode: all mean the hub cannot be used
+        raise _unreachable(name) from None
+
+
+def _is_hub_id(name_or_path: str) -> bool:
+    return not os.path.exists(name_or_path) and name_or_path.count("/") == 1 and not name_or_path.startswith((".", "~"))
+
+
+def _from_pretrained(name_or_path, token, attn_implementation, local_files_only) -> DINOv3ViTModel:
+    config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path, token=token, local_files_only=local_files_only)
+    if config_dict.get("model_type") != "dinov3_vit":
+        raise BackboneError(
+            f"{name_or_path} is not a DINOv3 ViT checkpoint (its config.json has no model_type dinov3_vit): "
+            f"pass a DINOv3 backbone such as {DEFAULT_BACKBONE}"
+        )
+    # The hub configs randomly shift/jitter/rescale the RoPE patch coordinates in train mode (a pretraining
+    # augmentation). Fine-tuning turns them off so training and evaluation see the same patch geometry.
+    config = DINOv3ViTConfig.from_dict({
+        **config_dict, "pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": None,
+    })
+    return DINOv3ViTModel.from_pretrained(
+        name_or_path, config=config, token=token, local_files_only=local_files_only,
+        attn_implementation=attn_implementation,
+    )
+
+
+def load_backbone(name_or_path: str, token: str | None = None, attn_implementation: str = "sdpa") -> DINOv3ViTModel:
+    """A DINOv3 ViT from a save_pretrained directory or a hub id (local cache first, then the hub)."""
+    if not _is_hub_id(name_or_path):
+        if not os.path.isdir(name_or_path):
+            raise BackboneError(f"backbone directory {name_or_path} does not exist: pass a DINOv3 directory or hub id")
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise BackboneError(
+                f"{name_or_path} has no config.json: pass a DINOv3 directory written by save_pretrained"
+            )
+        try:
+            return _from_pretrained(name_or_path, None, attn_implementation, local_files_only=True)
+        except OSError:
+            raise BackboneError(
+                f"{name_or_path} holds no loadable DINOv3 weights: pass a DINOv3 directory written by save_pretrained"
+            ) from None
+    try:
+        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=True)
+    except OSError:
+        pass  # not in the local cache
+    if _hub_offline():
+        raise _unreachable(name_or_path)
+    _probe_hub(name_or_path, token)
+    try:
+        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=False)
+    except OSError:
+        raise BackboneError(
+            f"downloading {name_or_path} from the Hugging Face hub failed: retry, or pass a local --backbone directory"
+        ) from None
+
+
+def _preprocessor_config_path(name_or_path: str, token: str | None) -> str | None:
+    if not _is_hub_id(name_or_path):
+        path = os.path.join(name_or_path, PREPROCESSOR_CONFIG)
+        return path if os.path.isfile(path) else None
+    try:
+        return hf_hub_download(name_or_path, PREPROCESSOR_CONFIG, token=token, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass  # not in the local cache
+    if _hub_offline():
+        raise _unreachable(name_or_path)
+    _probe_hub(name_or_path, token)
+    try:
+        return hf_hub_download(name_or_path, PREPROCESSOR_CONFIG, token=token)
+    except RemoteEntryNotFoundError:
+        return None
+
+
+def backbone_normalization(name_or_path: str, token: str | None = None) -> tuple[tuple, tuple]:
+    """(mean, std) on a 0..1 scale from the backbone's preprocessor_config.json, ImageNet's if it has none."""
+    path = _preprocessor_config_path(name_or_path, token)
+    if path is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    with open(path) as f:
+        preprocessor = json.load(f)
+    return tuple(preprocessor.get("image_mean", IMAGENET_MEAN)), tuple(preprocessor.get("image_std", IMAGENET_STD))
+
+
+class SegmentationModel(nn.Module):
+    """LoRA-adapted frozen DINOv3 ViT; an MLP turns every patch token into class logits."""
+
+    def __init__(self, backbone: DINOv3ViTModel, mean, std, lora_rank=16, lora_alpha=32, lora_dropout=0.1,
+                 lora_target_modules=LORA_TARGET_MODULES, head_hidden=256, gradient_checkpointing=False):
+        super().__init__()
+        config = backbone.config
+        if gradient_checkpointing:
+            # Non-reentrant: the reentrant form silently gives LoRA no gradients, as the layer inputs (the
+            # frozen embeddings' output) do not require grad.
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        lora_config = LoraConfig(
+            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(lora_target_modules),
+        )
+        self.backbone = get_peft_model(backbone, lora_config)  # freezes everything but the LoRA weights
+        self.num_prefix_tokens = 1 + config.num_register_tokens  # CLS + registers precede the patch tokens
+        self.head = nn.Sequential(
+            nn.Linear(config.hidden_size, head_hidden), nn.GELU(),
+            nn.Linear(head_hidden, head_hidden), nn.GELU(),
+            nn.Linear(head_hidden, NUM_CLASSES),
+        )
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images, output_size, content_size=None):
+        """images (B,3,Hp,Wp) 0..255, padded bottom/right around a content_size=(h,w) region scaled from the
+        output_size=(H,W) source; returns (B,NUM_CLASSES,H,W) logits."""
+        batch, _, padded_h, padded_w = images.shape
+        if padded_h % PATCH_SIZE or padded_w % PATCH_SIZE:
+            raise ValueError(
+                f"image sides must be multiples of {PATCH_SIZE}, got {padded_h}x{padded_w}: pad bottom/right first"
+            )
+        content_h, content_w = content_size or (padded_h, padded_w)
+        if content_h > padded_h or content_w > padded_w:
+            raise ValueError(f"content_size {content_h}x{content_w} exceeds the padded image {padded_h}x{padded_w}")
+        pixels = (images.float() / 255.0 - self.mean) / self.std
+        tokens = self.backbone(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens:]
+        logits = self.head(tokens).transpose(1, 2)
+        logits = logits.reshape(batch, NUM_CLASSES, padded_h // PATCH_SIZE, padded_w // PATCH_SIZE)
+        out_h, out_w = output_size
+        # Upsample the padded canvas at the content's source scale, then keep the top-left source region.
+        upsampled_size = (round(padded_h * out_h / content_h), round(padded_w * out_w / content_w))
+        logits = F.interpolate(logits, size=upsampled_size, mode="bilinear", align_corners=False)
+        return logits[:, :, :out_h, :out_w]
+
+
+def build_model(backbone_name_or_path, token=None, lora_rank=16, lora_alpha=32, lora_dropout=0.1,
+                lora_target_modules=LORA_TARGET_MODULES, head_hidden=256, gradient_checkpointing=False,
+                attn_implementation="sdpa") -> SegmentationModel:
+    backbone = load_backbone(backbone_name_or_path, token, attn_implementation)
+    mean, std = backbone_normalization(backbone_name_or_path, token)
+    return SegmentationModel(
+        backbone, mean, std, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules, head_hidden=head_hidden,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA and head weights only; the frozen backbone comes from its own checkpoint."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable_weights(model: nn.Module, path) -> None:
+    tensors = {name: t.cpu().contiguous() for name, t in trainable_state_dict(model).items()}
+    tmp_path = f"{path}.tmp"
+    save_file(tensors, tmp_path)
+    os.replace(tmp_path, path)  # a killed save never leaves a truncated file under the real name
+
+
+def load_trainable_weights(model: nn.Module, path) -> None:
+    """Load LoRA + head weights; any missing or unexpected key is an error, never silently untrained LoRA."""
+    state = load_file(str(path))
+    expected = set(trainable_state_dict(model))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match this model: {len(missing)} trainable weights missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it saved with other LoRA/head settings?"
+        )
+    model.load_state_dict(state, strict=False)
