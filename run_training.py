@@ -1,0 +1,419 @@
+"""Fine-tune DINOv3 (LoRA) + an MLP head for SAR-RARP50 instrument segmentation.
+
+One process:  python run_training.py --data-directory sarrarp --output-directory trained-models
+Many GPUs:    torchrun --nproc_per_node 4 run_training.py ...   (DDP; only rank 0 writes and prints)
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import dataset as D
+from losses import weighted_cross_entropy
+from metrics import frame_scores, summarize
+from model import (DEFAULT_BACKBONE, LORA_TARGET_MODULES, BackboneError, build_model, count_parameters,
+                   resolve_hf_token, save_trainable_weights, trainable_state_dict)
+
+NO_DATA_HINT = ("see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)")
+    data.add_argument("--output-directory", default="trained-models", help="where weights, logs and curves go (default: %(default)s)")
+    data.add_argument("--resolution", choices=list(D.RESOLUTION_SCALES), default="half",
+                      help="training resolution relative to the source; logits are always upsampled to the source (default: %(default)s)")
+    data.add_argument("--low-res", action="store_true", help="alias for --resolution quarter (the design's flag)")
+    data.add_argument("--val-fraction", type=float, default=0.2, help="share of operations held out for validation (default: %(default)s)")
+    data.add_argument("--val-videos", nargs="+", metavar="VIDEO", help="validation videos instead of a random split, e.g. video_03 video_11_1")
+    data.add_argument("--cache-frames", action="store_true", help="keep a JPEG copy of every frame at training resolution (faster loading)")
+    data.add_argument("--skip-bad-samples", action="store_true", help="warn about and skip bad frames/masks instead of stopping")
+    data.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU (default: %(default)s)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default=DEFAULT_BACKBONE, help="hub id or local directory saved with save_pretrained (default: %(default)s)")
+    model.add_argument("--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)")
+    model.add_argument("--lora-rank", type=int, default=16, help="(default: %(default)s)")
+    model.add_argument("--lora-alpha", type=float, default=32, help="(default: %(default)s)")
+    model.add_argument("--lora-dropout", type=float, default=0.1, help="(default: %(default)s)")
+    model.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGET_MODULES), help="attention modules given LoRA (default: %(default)s)")
+    model.add_argument("--head-hidden", type=int, default=256, help="hidden width of the 3-layer MLP head (default: %(default)s)")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
+    optimisation.add_argument("--max-steps", type=int, help="optimizer steps to train for; overrides --epochs")
+    optimisation.add_argument("--batch-size", type=int, default=8, help="images per GPU per step (default: %(default)s)")
+    optimisation.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+    optimisation.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (default: %(default)s)")
+    optimisation.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default: %(default)s)")
+    optimisation.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up, then cosine decay to 0 (default: %(default)s)")
+    optimisation.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    optimisation.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                              help="autocast precision (default: bf16 on a GPU that has it, else fp32)")
+    optimisation.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: far less memory, ~30%% slower")
+    optimisation.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+
+    schedule = parser.add_argument_group("validation, logging, checkpoints")
+    schedule.add_argument("--val-every", type=int, default=0, help="validate every N steps; 0: at the end of each epoch (default: %(default)s)")
+    schedule.add_argument("--checkpoint-every", type=int, default=200, help="write the resumable checkpoint every N steps (default: %(default)s)")
+    schedule.add_argument("--log-every", type=int, default=10, help="log training loss every N steps (default: %(default)s)")
+    schedule.add_argument("--resume", action="store_true", help="continue the run in --output-directory from its checkpoint")
+    args = parser.parse_args(argv)
+    if args.low_res:
+        args.resolution = "quarter"
+    for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "lora_rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error("--max-steps must be at least 1")
+    if not 0 < args.val_fraction < 1:
+        parser.error("--val-fraction must be between 0 and 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if flag is True on any rank."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
+# ----------------------------------------------------------------------------- data
+
+def prepare_data(args, output: Path, rank: int, world: int):
+    """Samples, split, class weights; rank 0 scans (and caches) the masks first, the others reuse its cache."""
+    train_root = Path(args.data_directory) / "train"
+    video_dirs = D.find_video_dirs(train_root) if train_root.is_dir() else []
+    if not video_dirs:
+        raise D.DataError(f"no training videos in {train_root}: {NO_DATA_HINT}")
+    samples = D.find_samples(video_dirs, skip_bad=args.skip_bad_samples)
+    statistics_file = Path(args.data_directory) / D.STATISTICS_FILE
+    if rank != 0:
+        dist.barrier()
+    samples, pixel_counts, source_size = D.scan_samples(samples, statistics_file, skip_bad=args.skip_bad_samples)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    train_videos, val_videos = D.split_by_video([s.video for s in samples], args.val_fraction, args.seed, args.val_videos)
+    is_train = np.array([s.video in set(train_videos) for s in samples])
+    totals = pixel_counts[is_train].sum(0)
+    frequencies = totals / totals.sum()
+    weights = D.class_weights_from_frequencies(frequencies)
+    if rank == 0:
+        write_json(output / "split.json", {"train": train_videos, "val": val_videos})
+        write_json(output / "class_weights.json", {
+            "formula": "w = 1 / ln(1.02 + f), f = pixel frequency of the class over the training split",
+            "classes": {name: {"frequency": float(f), "weight": float(w)}
+                        for name, f, w in zip(D.CLASS_NAMES, frequencies, weights)}})
+    train_samples = [s for s, t in zip(samples, is_train) if t]
+    val_samples = [s for s, t in zip(samples, is_train) if not t]
+    return train_samples, val_samples, source_size, torch.tensor(weights, dtype=torch.float32)
+
+
+def write_json(path: Path, data) -> None:
+    D.write_json_atomically(path, data)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def validate(model, loader, val_samples, source_size, content_size, device, autocast, rank, world) -> dict:
+    """The official SAR-RARP50 score over the validation frames (each rank scores its share, rank 0 summarises)."""
+    model.eval()
+    scored = []
+    for batch in tqdm(loader, desc="validating", unit="batch", leave=False, disable=rank != 0):
+        with autocast():
+            logits = model(batch["image"].to(device, non_blocking=True), source_size, content_size)
+        predictions = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        for index, prediction, truth in zip(batch["index"].tolist(), predictions, batch["mask"].numpy()):
+            scored.append((val_samples[index].video, *frame_scores(prediction, truth)))
+    model.train()
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, scored)
+        scored = [item for part in gathered for item in part]
+    per_video = {}
+    for video, iou, nsd in scored:
+        per_video.setdefault(video, []).append((iou, nsd))
+    return summarize(per_video)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def save_weights(model, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_trainable_weights(model, directory / "weights.safetensors")
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
+    """Everything a killed run needs to continue exactly; written to a temporary name, then renamed."""
+    checkpoint = {
+        "model": {name: tensor.cpu() for name, tensor in trainable_state_dict(model).items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **state,
+    }
+    temporary = path.with_name(f".{path.name}.partial")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+
+
+def plot_training_curves(metrics_file: Path, output: Path) -> None:
+    """Training loss and validation scores against step, drawn with OpenCV (no plotting dependency)."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    scores = [(r["step"], r["val"]["mIoU"], r["val"]["mNSD"], r["val"]["score"]) for r in records if "val" in r]
+    width, height, margin = 900, 360, 50
+    canvas = np.full((height, 2 * width, 3), 255, np.uint8)
+    last_step = max([s for s, *_ in losses + scores] + [1])
+
+    def panel(x0, title, series, top):
+        cv2.rectangle(canvas, (x0 + margin, margin), (x0 + width - 20, height - margin), (0, 0, 0), 1)
+        cv2.putText(canvas, title, (x0 + margin, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, f"{top:.3g}", (x0 + 5, margin + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1)
+        cv2.putText(canvas, "0", (x0 + 30, height - margin), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1)
+        cv2.putText(canvas, f"step {last_step}", (x0 + width - 110, height - 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (80, 80, 80), 1)
+        for i, (label, colour, points) in enumerate(series):
+            xy = np.array([(x0 + margin + (width - 20 - margin) * s / last_step,
+                            height - margin - (height - 2 * margin) * v / top) for s, v in points], np.int32)
+            if len(xy):
+                cv2.polylines(canvas, [xy.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA)
+                for point in xy if len(xy) < 40 else []:
+                    cv2.circle(canvas, tuple(int(c) for c in point), 3, colour, -1)
+            cv2.putText(canvas, label, (x0 + width - 200, margin + 20 + 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+
+    panel(0, "training loss", [("loss", (200, 80, 0), losses)], max([v for _, v in losses] + [1e-6]))
+    panel(width, "validation (official SAR-RARP50 metric)", [
+        ("mIoU", (0, 140, 0), [(s, a) for s, a, _, _ in scores]),
+        ("mNSD", (0, 0, 200), [(s, b) for s, _, b, _ in scores]),
+        ("score", (0, 0, 0), [(s, c) for s, _, _, c in scores])], 1.0)
+    cv2.imwrite(str(output), canvas)
+
+
+def print_scores(result: dict, step: int) -> None:
+    thin = {"suturing needle", "thread"}
+    print(f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}")
+    print("  " + "  ".join(f"{name}{'*' if name in thin else ''} {v['IoU']:.2f}/{v['NSD']:.2f}"
+                           for name, v in result["classes"].items()) + "   (IoU/NSD, * thin classes)")
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args) -> None:
+    rank, world, device = setup_distributed()
+    output = Path(args.output_directory)
+    checkpoint_path = output / "checkpoint.pt"
+    config_path = output / "config.json"
+    metrics_file = output / "metrics.jsonl"
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        if not args.resume and checkpoint_path.exists():
+            raise D.DataError(f"{output} already holds a run: pass --resume to continue it, or choose another --output-directory")
+        if args.resume and not checkpoint_path.exists():
+            raise D.DataError(f"nothing to resume: {checkpoint_path} does not exist")
+        output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    train_samples, val_samples, source_size, class_weights = prepare_data(args, output, rank, world)
+    scale = D.RESOLUTION_SCALES[args.resolution]
+    train_data = D.SegmentationDataset(train_samples, source_size, scale, augment=True, cache_frames=args.cache_frames, seed=args.seed)
+    val_data = D.SegmentationDataset(val_samples, source_size, scale, cache_frames=args.cache_frames)
+    content_size = train_data.content_size
+
+    token = resolve_hf_token(args.hf_token_file)
+    model = build_model(args.backbone, token, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                        lora_dropout=args.lora_dropout, lora_target_modules=args.lora_targets,
+                        head_hidden=args.head_hidden, gradient_checkpointing=args.gradient_checkpointing).to(device)
+    del token
+    trainable, total = count_parameters(model)
+    log(f"model: {args.backbone}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    precision = args.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": args.lr}, {"params": head_params, "lr": args.head_lr}],
+                                  weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_data) // world // (args.batch_size * args.grad_accum_steps)
+    if steps_per_epoch == 0:
+        raise D.DataError(f"{len(train_data)} training samples make no full step of {world} x {args.batch_size} x "
+                          f"{args.grad_accum_steps} images: lower --batch-size or --grad-accum-steps")
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    warmup = min(args.warmup_steps, total_steps // 2)
+
+    def learning_rate_factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -1.0, "best_step": None, "finished": False}
+    if args.resume:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"], strict=False)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if checkpoint["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        state = {k: checkpoint[k] for k in state}
+        if state["finished"]:
+            log(f"{output} holds a finished run (step {state['step']}); nothing to do")
+            return
+        if rank == 0 and metrics_file.exists():  # drop what was logged after the checkpoint
+            records = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+            metrics_file.write_text("".join(line + "\n" for line in records))
+        log(f"resuming at step {state['step']} of {total_steps}")
+    elif rank == 0:
+        write_json(config_path, {
+            "arguments": {k: v for k, v in vars(args).items() if k != "hf_token_file"},
+            "backbone": args.backbone, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
+            "resolution": {"name": args.resolution, "scale": scale, "source_size": list(source_size),
+                           "content_size": list(content_size), "padded_size": list(train_data.padded_size)},
+            "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
+            "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                     "target_modules": args.lora_targets},
+            "head": {"type": "mlp", "hidden": args.head_hidden},
+            "precision": precision, "world_size": world,
+        })
+
+    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    val_indices = list(range(len(val_data)))[rank::world]  # no padding: every frame scored exactly once
+    # Loaders draw their worker seeds from their own generator, so that the global RNG (LoRA dropout)
+    # advances identically in an uninterrupted and in a resumed run.
+    loader_generator = torch.Generator().manual_seed(args.seed)
+    val_loader = DataLoader(val_data, batch_size=args.batch_size, sampler=val_indices, num_workers=args.num_workers,
+                            generator=loader_generator)
+    class_weights = class_weights.to(device)
+
+    def log_record(record):
+        if rank == 0:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate_and_save(step):
+        result = validate(model, val_loader, val_samples, source_size, content_size, device, autocast, rank, world)
+        if rank == 0:
+            log_record({"step": step, "val": result})
+            print_scores(result, step)
+            if result["score"] > state["best_score"]:
+                state["best_score"], state["best_step"] = result["score"], step
+                save_weights(model, output / "best")
+
+    def checkpoint(step):
+        if rank == 0:
+            save_weights(model, output / "last")
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, state)
+            plot_training_curves(metrics_file, output / "training_curves.png") if metrics_file.exists() else None
+
+    progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=rank != 0)
+    model.train()
+    started, images_seen = time.perf_counter(), 0
+    while state["step"] < total_steps:
+        sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+        sampler.set_epoch(state["epoch"])
+        train_data.epoch = state["epoch"]
+        indices = list(sampler)[state["batch_in_epoch"] * args.batch_size * args.grad_accum_steps:]
+        loader = DataLoader(train_data, batch_size=args.batch_size, sampler=indices, num_workers=args.num_workers,
+                            drop_last=True, pin_memory=device.type == "cuda", generator=loader_generator)
+        batches = iter(loader)
+        for _ in range(len(indices) // (args.batch_size * args.grad_accum_steps)):
+            loss_sum = 0.0
+            for micro in range(args.grad_accum_steps):
+                batch = next(batches)
+                images = batch["image"].to(device, non_blocking=True)
+                masks = batch["mask"].to(device, non_blocking=True).long()
+                sync = micro == args.grad_accum_steps - 1 or world == 1
+                with (wrapped.no_sync() if not sync else torch.enable_grad()), autocast():
+                    logits = wrapped(images, source_size, content_size)
+                    loss = weighted_cross_entropy(logits.float(), masks, class_weights) / args.grad_accum_steps
+                    scaler.scale(loss).backward() if precision == "fp16" else loss.backward()
+                loss_sum += loss.item()
+                images_seen += len(images) * world
+            if any_rank(not math.isfinite(loss_sum), device):
+                saved = f"the last good checkpoint (step {torch.load(checkpoint_path, weights_only=True)['step']}) is in {checkpoint_path}" \
+                    if checkpoint_path.exists() else "no checkpoint was written yet"
+                raise FloatingPointError(f"the loss became {loss_sum} at step {state['step'] + 1}; {saved}. "
+                                         "Lower --lr, or use --precision fp32 / bf16")
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(lora_params + head_params, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            step = state["step"]
+            throughput = images_seen / (time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_sum:.4f}", img_per_s=f"{throughput:.1f}")
+            if step % args.log_every == 0 or step == total_steps:
+                log_record({"step": step, "epoch": state["epoch"], "loss": loss_sum,
+                            "lr": scheduler.get_last_lr()[0], "images_per_second": throughput})
+            end_of_epoch = state["batch_in_epoch"] == steps_per_epoch
+            if (args.val_every and step % args.val_every == 0) or (not args.val_every and end_of_epoch) or step == total_steps:
+                evaluate_and_save(step)
+            if end_of_epoch:
+                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
+            state["finished"] = step == total_steps
+            if step % args.checkpoint_every == 0 or state["finished"]:
+                checkpoint(step)
+            if state["finished"] or end_of_epoch:
+                break
+    progress.close()
+    log(f"done: best validation score {state['best_score']:.4f} at step {state['best_step']}; outputs in {output}/")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (D.DataError, BackboneError, FloatingPointError) as error:
+        # DataLoader workers re-raise with their traceback in the message: keep its last line.
+        message = str(error).strip().splitlines()[-1]
+        message = message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Training entry point: outputs, resume, many processes, token hygiene, clear errors."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_training
+from conftest import ROOT, run_script
+from make_tiny_backbone import save_tiny_backbone
+
+TRAIN = ROOT / "run_training.py"
+SECRET = "hf_doNotLeakThisTokenAnywhere0123456789"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("backbone") / "tiny-dinov3"
+    save_tiny_backbone(directory)
+    return directory
+
+
+def training_args(release, backbone, output, *extra):
+    return [TRAIN, "--data-directory", release, "--backbone", backbone, "--output-directory", output,
+            "--resolution", "quarter", "--batch-size", "2", "--num-workers", "0", "--warmup-steps", "1",
+            "--log-every", "1", *extra]
+
+
+def records(output):
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_short_run_writes_every_output_and_the_loss_goes_down(demo_release, backbone, tmp_path):
+    output = tmp_path / "run"
+    result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "24", "--val-every", "12",
+                                       "--lr", "1e-3", "--head-lr", "3e-3"))
+    assert "trainable of" in result.stdout and "done: best validation score" in result.stdout
+    for name in ("config.json", "split.json", "class_weights.json", "metrics.jsonl", "training_curves.png",
+                 "checkpoint.pt", "best/weights.safetensors", "last/weights.safetensors"):
+        assert (output / name).is_file(), name
+    config = json.loads((output / "config.json").read_text())
+    assert config["backbone"] == str(backbone) and len(config["class_names"]) == 10
+    assert config["resolution"]["content_size"] == [24, 32] and config["resolution"]["padded_size"] == [32, 32]
+    assert len(config["normalization"]["mean"]) == 3
+    split = json.loads((output / "split.json").read_text())
+    assert split["val"] == ["video_04_1", "video_04_2"] or not set(split["train"]) & set(split["val"])
+    weights = load_file(output / "last" / "weights.safetensors")
+    assert weights and all("lora_" in k or k.startswith("head.") for k in weights)  # no frozen backbone copy
+    losses = [r["loss"] for r in records(output) if "loss" in r]
+    assert len(losses) == 24 and sum(losses[-6:]) < sum(losses[:6])
+    validations = [r for r in records(output) if "val" in r]
+    assert [r["step"] for r in validations] == [12, 24]
+    assert validations[-1]["val"]["frames"] == 3 * len(split["val"])
+
+
+def test_a_killed_run_resumes_where_it_stopped_and_ends_with_the_same_weights(demo_release, backbone, tmp_path):
+    arguments = ["--max-steps", "10", "--checkpoint-every", "1", "--val-every", "5"]
+    run_script(*training_args(demo_release, backbone, tmp_path / "straight", *arguments))
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, *map(str, training_args(demo_release, backbone, interrupted, *arguments))]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not ((interrupted / "metrics.jsonl").exists() and len(records(interrupted)) >= 4):
+        assert process.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(interrupted / "checkpoint.pt", weights_only=True)["step"]
+    assert 1 <= stopped_at < 10
+
+    result = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume"))
+    assert f"resuming at step {stopped_at} of 10" in result.stdout
+    straight = load_file(tmp_path / "straight" / "last" / "weights.safetensors")
+    resumed = load_file(interrupted / "last" / "weights.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
+    assert [r["step"] for r in records(interrupted) if "loss" in r] == list(range(1, 11))
+
+    finished = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume"))
+    assert "holds a finished run (step 10); nothing to do" in finished.stdout
+
+
+def test_two_processes_with_torchrun_train_together_and_only_rank_0_writes(demo_release, backbone, tmp_path):
+    output = tmp_path / "ddp"
+    result = run_script(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        *training_args(demo_release, backbone, output, "--max-steps", "4"), env={"OMP_NUM_THREADS": "1"})
+    assert result.stdout.count("done: best validation score") == 1
+    assert result.stdout.count("trainable of") == 1
+    config = json.loads((output / "config.json").read_text())
+    assert config["world_size"] == 2
+    validation = [r for r in records(output) if "val" in r][-1]["val"]
+    split = json.loads((output / "split.json").read_text())
+    assert validation["frames"] == 3 * len(split["val"])  # every validation frame scored exactly once
+    assert sorted(validation["videos"]) == sorted(split["val"])
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        ["best", "last", "checkpoint.pt", "config.json", "split.json", "class_weights.json", "metrics.jsonl",
+         "training_curves.png"])
+
+
+def test_the_token_never_appears_in_output_or_in_any_file_written(demo_release, backbone, tmp_path):
+    output = tmp_path / "run"
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(SECRET)
+    result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "2",
+                                       "--hf-token-file", token_file), env={"HF_TOKEN": SECRET})
+    assert SECRET not in result.stdout + result.stderr
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_hub_backbone_without_network_fails_fast_with_one_sentence(demo_release, tmp_path):
+    result = run_script(*training_args(demo_release, "facebook/dinov3-vitb16-pretrain-lvd1689m", tmp_path / "run",
+                                       "--max-steps", "1"), check=False, env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot reach the Hugging Face hub")
+    assert "local --backbone directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_without_data_a_newcomer_is_pointed_to_the_data_preparation_and_the_demo(tmp_path):
+    result = run_script(TRAIN, check=False, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: no training videos in sarrarp/train: see 'Data preparation' in "
+                                     "README.md, or try the built-in demo first: bash scripts/demo.sh")
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(demo_release, backbone, tmp_path):
+    output = tmp_path / "run"
+    run_script(*training_args(demo_release, backbone, output, "--max-steps", "1"))
+    result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "1"), check=False)
+    assert result.returncode == 1 and "pass --resume to continue it" in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_release, backbone, tmp_path,
+                                                                            monkeypatch, capsys):
+    real_loss, calls = run_training.weighted_cross_entropy, []
+
+    def loss_that_explodes_at_step_3(logits, target, weights):
+        calls.append(1)
+        loss = real_loss(logits, target, weights)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(run_training, "weighted_cross_entropy", loss_that_explodes_at_step_3)
+    output = tmp_path / "run"
+    arguments = training_args(demo_release, backbone, output, "--max-steps", "5", "--checkpoint-every", "1")[1:]
+    assert run_training.main(list(map(str, arguments))) == 1
+    error = capsys.readouterr().err
+    assert "error: the loss became nan at step 3; the last good checkpoint (step 2)" in error
+    assert torch.load(output / "checkpoint.pt", weights_only=True)["step"] == 2
