@@ -148,11 +148,21 @@ def _score_files(paths):
     return (*frame_scores(prediction, ground_truth), confusion_matrix(prediction, ground_truth))
 
 
-def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None = None, progress: bool = True) -> dict:
-    """Official score of PRED/video_*/segmentation/*.png against the same names under GT; missing files score 0."""
+def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None = None, progress: bool = True,
+                         videos: list[str] | None = None) -> dict:
+    """Official score of PRED/video_*/segmentation/*.png against the same names under GT; missing files score 0.
+
+    videos: only these video folders of GT (e.g. a validation split); default every one.
+    """
     ground_truth_dir, prediction_dir = Path(ground_truth_dir), Path(prediction_dir)
+    video_dirs = sorted(ground_truth_dir.glob("video_*"))
+    if videos is not None:
+        absent = sorted(set(videos) - {video.name for video in video_dirs})
+        if absent:
+            raise ValueError(f"{ground_truth_dir}: no video folder {', '.join(absent)}")
+        video_dirs = [video for video in video_dirs if video.name in set(videos)]
     masks = [mask.relative_to(ground_truth_dir)
-             for video in sorted(ground_truth_dir.glob("video_*")) if (video / "segmentation").is_dir()
+             for video in video_dirs if (video / "segmentation").is_dir()
              for mask in sorted((video / "segmentation").glob("*.png"))]
     if not masks:
         raise ValueError(f"{ground_truth_dir}: no video_*/segmentation/*.png ground-truth masks")

@@ -255,3 +255,41 @@ def load_trainable_weights(model: nn.Module, path) -> None:
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it saved with other LoRA/head settings?"
         )
     model.load_state_dict(state, strict=False)
+
+
+class ModelDirectoryError(ValueError):
+    """A model directory that run_training.py did not write (completely); the message says what is missing."""
+
+
+def load_trained_model(model_directory, checkpoint="best", backbone=None, token=None) -> tuple[SegmentationModel, dict]:
+    """(model in eval mode, config.json) rebuilt from a run_training.py output directory and its best/ or last/ weights.
+
+    backbone overrides the config's backbone (e.g. a local copy of the hub checkpoint); the normalisation
+    is the one training used, read from config.json.
+    """
+    config_path = os.path.join(model_directory, "config.json")
+    weights_path = os.path.join(model_directory, checkpoint, "weights.safetensors")
+    if not os.path.isfile(config_path):
+        raise ModelDirectoryError(f"{model_directory} is not a trained model directory (it has no config.json): "
+                                  "pass the --output-directory of run_training.py")
+    if not os.path.isfile(weights_path):
+        raise ModelDirectoryError(f"{model_directory} has no {checkpoint} weights ({weights_path} does not exist): "
+                                  "has its training run saved any, or did you mean --checkpoint "
+                                  f"{'last' if checkpoint == 'best' else 'best'}?")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        lora, head, normalization = config["lora"], config["head"], config["normalization"]
+        backbone = backbone or config["backbone"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelDirectoryError(f"{config_path} is not a run_training.py config ({error!r})") from None
+    model = build_model(backbone, token, lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        lora_target_modules=lora["target_modules"], head_hidden=head["hidden"])
+    try:
+        load_trainable_weights(model, weights_path)
+    except ValueError as error:
+        raise ModelDirectoryError(str(error)) from None
+    with torch.no_grad():
+        model.mean.copy_(torch.tensor(normalization["mean"]).view(1, 3, 1, 1))
+        model.std.copy_(torch.tensor(normalization["std"]).view(1, 3, 1, 1))
+    return model.eval(), config

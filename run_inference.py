@@ -1,0 +1,391 @@
+"""Predict, picture and score SAR-RARP50 instrument segmentation with a model trained by run_training.py.
+
+    python run_inference.py --data-directory sarrarp --model-directory trained-models [--split test|val]
+    python run_inference.py --eval-only                   re-score MODEL/inference; loads no model
+    python run_inference.py --predictions-directory DIR   score any prediction folder in the official layout
+
+Predictions go to MODEL/inference/video_XX/segmentation/<mask name>.png: 8-bit class ids at the source size,
+the layout the official toolkit reads. Pictures (frame | prediction | ground truth) go to
+MODEL/inference/video_XX/visualisations/, the official score to metrics.json, per_class.csv and
+confusion_matrix.png in the prediction folder.
+"""
+import argparse
+import collections
+import csv
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import dataset as D
+from metrics import SCORED_CLASSES, PredictionError, evaluate_directories, frame_scores, read_label_png, summarize
+from model import BackboneError, ModelDirectoryError, load_trained_model, resolve_hf_token
+
+NO_DATA_HINT = "see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh"
+THIN_CLASSES = ("suturing needle", "thread")
+OUTPUT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png")
+PROVENANCE_FILE = "predicted_with.json"  # how the predictions in a folder were made, for re-scoring later
+# Class colours (RGB) for pictures; background stays uncoloured.
+CLASS_COLOURS = {
+    1: (255, 225, 25),   # tool clasper: yellow
+    2: (70, 240, 240),   # tool wrist: cyan
+    3: (0, 130, 200),    # tool shaft: blue
+    4: (240, 50, 230),   # suturing needle: magenta
+    5: (60, 220, 75),    # thread: green
+    6: (245, 130, 48),   # suction tool: orange
+    7: (145, 30, 180),   # needle holder: purple
+    8: (210, 245, 60),   # clamps: lime
+    9: (255, 255, 255),  # catheter: white
+}
+OVERLAY_ALPHA = 0.55
+MAX_PICTURE_WIDTH = 1280  # wider sources are pictured at half resolution
+TITLE_HEIGHT = 28
+LEGEND_ROW_HEIGHT = 26
+LEGEND_COLUMN_WIDTH = 170
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)")
+    parser.add_argument("--model-directory", default="trained-models", help="output directory of run_training.py (default: %(default)s)")
+    parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which saved weights to use (default: %(default)s)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="test: the videos in DATA/test; val: the videos listed under 'val' in MODEL/split.json, "
+                             "from DATA/train (default: %(default)s)")
+    parser.add_argument("--eval-only", action="store_true", help="re-score the predictions in MODEL/inference without loading the model")
+    parser.add_argument("--predictions-directory",
+                        help="score this prediction folder (official layout) instead, without a model; the scores are written into it")
+    parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="frame loading processes (default: %(default)s)")
+    parser.add_argument("--backbone", help="hub id or local directory to use instead of the backbone named in config.json")
+    parser.add_argument("--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)")
+    parser.add_argument("--tta", choices=["none", "flip"], default="none",
+                        help="flip: average the softmax of each frame and of its mirror image (default: %(default)s)")
+    parser.add_argument("--min-component-size", type=int, default=0,
+                        help="relabel connected blobs of a class smaller than this many pixels with the label around them (default: 0, off)")
+    parser.add_argument("--all-frames", action="store_true", help="also predict every extracted frame that has no ground-truth mask")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="autocast precision (default: bf16 on a GPU that has it, else fp32)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.min_component_size < 0:
+        parser.error("--min-component-size must be 0 or more")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+def split_video_dirs(data_directory: Path, model_directory: Path, split: str) -> tuple[Path, list[Path]]:
+    """(folder holding the split's videos, the split's video folders): DATA/test, or split.json's val videos in DATA/train."""
+    root = data_directory / ("test" if split == "test" else "train")
+    found = D.find_video_dirs(root) if root.is_dir() else []
+    if split == "test":
+        if not found:
+            raise D.DataError(f"no test videos in {root}: {NO_DATA_HINT}")
+        return root, found
+    split_file = model_directory / "split.json"
+    if not split_file.is_file():
+        raise D.DataError(f"{split_file} does not exist: --split val needs the model directory of the run that chose the split")
+    val_videos = json.loads(split_file.read_text())["val"]
+    by_name = {video_dir.name: video_dir for video_dir in found}
+    absent = [video for video in val_videos if video not in by_name]
+    if absent:
+        raise D.DataError(f"validation videos {', '.join(absent)} (from {split_file}) are not in {root}: {NO_DATA_HINT}")
+    return root, [by_name[video] for video in val_videos]
+
+
+def unlabelled_frames(video_dir: Path) -> list[Path]:
+    """Extracted frames (frames/, else rgb/) that have no ground-truth mask."""
+    masks = {path.name for path in (video_dir / "segmentation").glob("*.png")}
+    frames = {path.name: path for folder in reversed(D.FRAME_FOLDERS) for path in (video_dir / folder).glob("*.png")}
+    return [path for name, path in sorted(frames.items()) if name not in masks]
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """uint8 (3, h, w) frames scaled to the training resolution exactly as in training (no JPEG cache)."""
+
+    def __init__(self, paths: list[Path], content_size: tuple[int, int]):
+        self.paths, self.content_size = paths, content_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(D.read_scaled_image(self.paths[index], self.content_size, use_cache=False)).permute(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------- prediction
+
+@torch.no_grad()
+def predict(model, images, source_size, padded_size, autocast, tta="none") -> torch.Tensor:
+    """(B, H, W) uint8 class ids at the source size for (B, 3, h, w) uint8 frames at the training resolution."""
+    content_size = tuple(images.shape[2:])
+    padding = (0, padded_size[1] - content_size[1], 0, padded_size[0] - content_size[0])  # bottom/right, as in training
+
+    def logits(batch):
+        with autocast():
+            return model(F.pad(batch, padding), source_size, content_size)
+
+    if tta == "none":
+        return logits(images).argmax(1).to(torch.uint8)
+    # Mirror the frame before padding, so the content stays top-left, and mirror the answer back.
+    probabilities = logits(images).float().softmax(1) + logits(images.flip(3)).float().softmax(1).flip(3)
+    return probabilities.argmax(1).to(torch.uint8)
+
+
+def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Relabel each 8-connected blob of a class 1..9 smaller than min_size pixels with the label most common on
+    the ring of pixels around it (background if it fills the image): a stray blob of a class absent from the
+    frame costs the frame 1/9 on both metrics."""
+    labels = labels.copy()
+    height, width = labels.shape
+    for c in SCORED_CLASSES:
+        _, components, stats, _ = cv2.connectedComponentsWithStats((labels == c).view(np.uint8), connectivity=8)
+        for k in np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_size) + 1:
+            x, y, w, h = stats[k, :4]
+            x0, y0, x1, y1 = max(x - 1, 0), max(y - 1, 0), min(x + w + 1, width), min(y + h + 1, height)
+            blob = components[y0:y1, x0:x1] == k
+            ring = cv2.dilate(blob.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool) & ~blob
+            window = labels[y0:y1, x0:x1]  # a view: assignment below edits labels
+            window[blob] = np.bincount(window[ring], minlength=D.NUM_CLASSES).argmax() if ring.any() else 0
+    return labels
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode, write under a temporary name, rename: a killed run never leaves a truncated PNG under the real name."""
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_bytes(encoded.tobytes())
+    os.replace(temporary, path)
+
+
+def save_frame_outputs(labels, frame: Path, mask: Path | None, video_output: Path, min_component_size: int) -> None:
+    """One frame's prediction PNG and, where it has ground truth, its picture."""
+    if min_component_size:
+        labels = remove_small_components(labels, min_component_size)
+    write_png(video_output / "segmentation" / frame.name, labels)
+    if mask is not None:
+        picture = visualisation(D.read_image(frame), labels, D.read_mask(mask))
+        write_png(video_output / "visualisations" / frame.name, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+
+
+def list_frames(video_dirs: list[Path], data_directory: Path, all_frames: bool):
+    """([(video, frame, mask or None)], source size): every ground-truth frame, checked, and with all_frames every other extracted one."""
+    samples = D.find_samples(video_dirs)
+    samples, _, source_size = D.scan_samples(samples, data_directory / D.STATISTICS_FILE)
+    frames = [(s.video, s.image, s.mask) for s in samples]
+    if all_frames:
+        frames += [(video_dir.name, path, None) for video_dir in video_dirs for path in unlabelled_frames(video_dir)]
+    return frames, source_size
+
+
+def predict_frames(args, model, config, frames, source_size, predictions_directory: Path) -> None:
+    """Write every frame's prediction (and picture) under predictions_directory/VIDEO/, then how they were made."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    content_size, padded_size = D.training_size(source_size, config["resolution"]["scale"])
+    if list(source_size) != config["resolution"]["source_size"]:
+        print(f"note: frames are {source_size[1]}x{source_size[0]}, the model was trained on "
+              f"{config['resolution']['source_size'][1]}x{config['resolution']['source_size'][0]}; "
+              f"predicting at the same scale ({config['resolution']['name']} resolution)")
+    precision = args.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+
+    for video in {video for video, _, _ in frames}:
+        for folder in ("segmentation", "visualisations"):
+            (predictions_directory / video / folder).mkdir(parents=True, exist_ok=True)
+    loader = DataLoader(FrameDataset([frame for _, frame, _ in frames], content_size), batch_size=args.batch_size,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    writers = min(8, os.cpu_count() or 1)
+    progress = tqdm(total=len(frames), desc="predicting", unit="frame")
+    with ThreadPoolExecutor(writers) as pool:  # PNG encoding and pictures overlap with the model
+        pending, done = collections.deque(), 0
+        for images in loader:
+            labels = predict(model, images.to(device, non_blocking=True), source_size, padded_size, autocast, args.tta)
+            for (video, frame, mask), frame_labels in zip(frames[done:done + len(labels)], labels.cpu().numpy()):
+                pending.append(pool.submit(save_frame_outputs, frame_labels, frame, mask,
+                                           predictions_directory / video, args.min_component_size))
+            done += len(labels)
+            progress.update(len(labels))
+            while len(pending) > 4 * writers:  # bounded memory: wait for the oldest writes
+                pending.popleft().result()
+        for job in pending:
+            job.result()
+    progress.close()
+    settings = {"model_directory": str(args.model_directory), "checkpoint": args.checkpoint,
+                "backbone": args.backbone or config["backbone"], "tta": args.tta,
+                "min_component_size": args.min_component_size, "all_frames": args.all_frames, "precision": precision}
+    D.write_json_atomically(predictions_directory / PROVENANCE_FILE, settings)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def overlay(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    palette = np.array([(0, 0, 0)] + [CLASS_COLOURS[c] for c in SCORED_CLASSES], np.float32)
+    coloured = labels > 0
+    picture = frame.copy()
+    picture[coloured] = ((1 - OVERLAY_ALPHA) * frame[coloured] + OVERLAY_ALPHA * palette[labels[coloured]]).astype(np.uint8)
+    return picture
+
+
+def legend_rows(width: int) -> int:
+    columns = max(1, min(len(SCORED_CLASSES), width // LEGEND_COLUMN_WIDTH))
+    return -(-len(SCORED_CLASSES) // columns)
+
+
+def visualisation(frame: np.ndarray, prediction: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
+    """RGB picture: frame | prediction overlay | ground-truth overlay, titled above, class colour legend below.
+
+    Size: 3 x source width, TITLE_HEIGHT + source height + legend_rows(3 x width) x LEGEND_ROW_HEIGHT;
+    sources wider than MAX_PICTURE_WIDTH are pictured at half resolution.
+    """
+    if frame.shape[1] > MAX_PICTURE_WIDTH:
+        size = (frame.shape[1] // 2, frame.shape[0] // 2)
+        frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        prediction, ground_truth = (cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in (prediction, ground_truth))
+    height, width = frame.shape[:2]
+    rows = legend_rows(3 * width)
+    canvas = np.full((TITLE_HEIGHT + height + rows * LEGEND_ROW_HEIGHT, 3 * width, 3), 255, np.uint8)
+    panels = (("frame", frame), ("prediction", overlay(frame, prediction)), ("ground truth", overlay(frame, ground_truth)))
+    for i, (title, panel) in enumerate(panels):
+        canvas[TITLE_HEIGHT:TITLE_HEIGHT + height, i * width:(i + 1) * width] = panel
+        cv2.putText(canvas, title, (i * width + 6, TITLE_HEIGHT - 8), FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
+    columns = -(-len(SCORED_CLASSES) // rows)
+    column_width = canvas.shape[1] // columns
+    for k, c in enumerate(SCORED_CLASSES):
+        x, y = (k % columns) * column_width + 6, TITLE_HEIGHT + height + (k // columns) * LEGEND_ROW_HEIGHT
+        cv2.rectangle(canvas, (x, y + 5), (x + 16, y + 21), CLASS_COLOURS[c], -1)
+        cv2.rectangle(canvas, (x, y + 5), (x + 16, y + 21), (0, 0, 0), 1)
+        cv2.putText(canvas, D.CLASS_NAMES[c], (x + 22, y + 19), FONT, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
+
+
+def draw_confusion_matrix(confusion, path: Path) -> None:
+    """Row-normalised confusion matrix (each ground-truth class's pixels split over the predicted classes), drawn with OpenCV."""
+    counts = np.asarray(confusion, np.float64)
+    totals = counts.sum(1, keepdims=True)
+    shares = counts / np.maximum(totals, 1)
+    n, cell, left, top = len(counts), 64, 150, 160
+    canvas = np.full((top + n * cell + 12, left + n * cell + 12, 3), 255, np.uint8)
+    cv2.putText(canvas, "rows: ground truth, columns: prediction (share of the row's pixels)", (8, 22), FONT, 0.5,
+                (0, 0, 0), 1, cv2.LINE_AA)
+    for i in range(n):
+        name_width = cv2.getTextSize(D.CLASS_NAMES[i], FONT, 0.45, 1)[0][0]
+        cv2.putText(canvas, D.CLASS_NAMES[i], (left - 8 - name_width, top + i * cell + cell // 2 + 5), FONT, 0.45,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+        label = np.full((cell, top - 40, 3), 255, np.uint8)  # column names: drawn horizontally, then turned upright
+        cv2.putText(label, D.CLASS_NAMES[i], (6, cell // 2 + 5), FONT, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        canvas[40:top, left + i * cell:left + (i + 1) * cell] = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)
+        for j in range(n):
+            x, y, share = left + j * cell, top + i * cell, shares[i, j]
+            colour = (235, 235, 235) if totals[i, 0] == 0 else (255, int(255 - 175 * share), int(255 - 255 * share))  # BGR: white -> blue
+            cv2.rectangle(canvas, (x, y), (x + cell, y + cell), colour, -1)
+            cv2.rectangle(canvas, (x, y), (x + cell, y + cell), (200, 200, 200), 1)
+            if counts[i, j]:
+                cv2.putText(canvas, f"{share:.2f}", (x + 12, y + cell // 2 + 5), FONT, 0.45,
+                            (255, 255, 255) if share > 0.5 else (0, 0, 0), 1, cv2.LINE_AA)
+    write_png(path, canvas)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def background_only_score(ground_truth_directory: Path, videos: list[str]) -> dict:
+    """Score of predicting background everywhere, the floor a model has to beat."""
+    def score(path):
+        truth = read_label_png(path)
+        return frame_scores(np.zeros_like(truth), truth)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        result = summarize({video: list(pool.map(score, sorted((ground_truth_directory / video / "segmentation").glob("*.png"))))
+                            for video in videos})
+    return {key: result[key] for key in ("mIoU", "mNSD", "score")}
+
+
+def write_scores(metrics: dict, directory: Path) -> None:
+    with open(directory / ".per_class.csv.partial", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "IoU", "NSD"])
+        writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
+    os.replace(directory / ".per_class.csv.partial", directory / "per_class.csv")
+    draw_confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
+    D.write_json_atomically(directory / "metrics.json", metrics)  # last: its presence means every output is complete
+
+
+def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
+    print(f"\n{'class':<20}{'IoU':>8}{'NSD':>8}")
+    for name, v in metrics["classes"].items():
+        print(f"{name + (' *' if name in THIN_CLASSES else ''):<20}{v['IoU']:>8.4f}{v['NSD']:>8.4f}")
+    print(f"{'mean':<20}{metrics['mIoU']:>8.4f}{metrics['mNSD']:>8.4f}   (* thin classes)")
+    print(f"official score {metrics['score']:.4f} = sqrt(mIoU x mNSD) over {metrics['frames']} frames of "
+          f"{len(metrics['videos'])} videos ({metrics['split']} split)")
+    print("  " + "  ".join(f"{video} {v['mIoU']:.3f}/{v['mNSD']:.3f}" for video, v in metrics["videos"].items())
+          + "   (per video mIoU/mNSD)")
+    floor = metrics["background_only"]
+    print(f"background everywhere would score {floor['score']:.4f} (mIoU {floor['mIoU']:.4f}, mNSD {floor['mNSD']:.4f})")
+    if metrics["missing"]:
+        shown = ", ".join(metrics["missing"][:5]) + (f" and {len(metrics['missing']) - 5} more" if len(metrics["missing"]) > 5 else "")
+        print(f"warning: {len(metrics['missing'])} ground-truth masks have no prediction and score 0: {shown} "
+              f"(all listed in metrics.json)", file=sys.stderr)
+    print(f"metrics: {directory / 'metrics.json'}, {directory / 'per_class.csv'}, {directory / 'confusion_matrix.png'}")
+    if pictured:
+        print(f"visualisations: {directory}/video_*/visualisations/")
+
+
+def run(args) -> None:
+    model_directory = Path(args.model_directory)
+    ground_truth_directory, video_dirs = split_video_dirs(Path(args.data_directory), model_directory, args.split)
+    predictions_directory = Path(args.predictions_directory) if args.predictions_directory else model_directory / "inference"
+    predicting = not (args.eval_only or args.predictions_directory)
+    if predicting:  # every check before anything on disk changes
+        frames, source_size = list_frames(video_dirs, Path(args.data_directory), args.all_frames)
+        model, config = load_trained_model(model_directory, args.checkpoint, args.backbone, resolve_hf_token(args.hf_token_file))
+    elif not predictions_directory.is_dir():
+        raise D.DataError(f"{predictions_directory} does not exist" + ("" if args.predictions_directory else
+                          ": run without --eval-only first to make predictions"))
+    predictions_directory.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES + ((PROVENANCE_FILE,) if predicting else ()):  # stale scores never outlive their predictions
+        (predictions_directory / name).unlink(missing_ok=True)
+    if predicting:
+        predict_frames(args, model, config, frames, source_size, predictions_directory)
+    videos = [video_dir.name for video_dir in video_dirs]
+    result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos)
+    provenance_file = predictions_directory / PROVENANCE_FILE
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    metrics = {
+        **result,
+        "model_directory": provenance.get("model_directory"), "checkpoint": provenance.get("checkpoint"),
+        "data_directory": str(args.data_directory), "split": args.split,
+        "inference": {k: v for k, v in provenance.items() if k not in ("model_directory", "checkpoint")} or None,
+        "background_only": background_only_score(ground_truth_directory, videos),
+    }
+    write_scores(metrics, predictions_directory)
+    print_report(metrics, predictions_directory, pictured=predicting)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (D.DataError, PredictionError, ModelDirectoryError, BackboneError) as error:
+        # DataLoader workers re-raise with their traceback in the message: keep its last line.
+        message = str(error).strip().splitlines()[-1]
+        message = message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Inference entry point: predictions in the official layout, pictures, the official score, re-scoring, bad input."""
+import csv
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dataset as D
+import run_inference
+from conftest import ROOT, run_script
+from make_tiny_backbone import save_tiny_backbone
+from metrics import evaluate_directories, frame_scores, read_label_png, summarize
+from model import load_trained_model
+
+INFER = ROOT / "run_inference.py"
+
+
+@pytest.fixture(scope="module")
+def release(demo_release, tmp_path_factory):
+    """Our own copy: training and inference cache mask statistics in the data directory."""
+    destination = tmp_path_factory.mktemp("inference_release") / "sarrarp"
+    shutil.copytree(demo_release, destination)
+    return destination
+
+
+@pytest.fixture(scope="module")
+def trained_model(release, tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference_model")
+    save_tiny_backbone(root / "tiny-dinov3")
+    run_script(ROOT / "run_training.py", "--data-directory", release, "--output-directory", root / "model",
+               "--backbone", root / "tiny-dinov3", "--max-steps", "4", "--batch-size", "2", "--num-workers", "0",
+               "--resolution", "quarter", "--warmup-steps", "1")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def test_run(trained_model, release):
+    """The plain run: test split, written to MODEL/inference."""
+    return run_script(INFER, "--data-directory", release, "--model-directory", trained_model,
+                      "--batch-size", "1", "--num-workers", "0")
+
+
+@pytest.fixture(scope="module")
+def options_run(trained_model, release, tmp_path_factory):
+    """--split val with every test-time option, on copies of the model and the data (one unlabelled frame added)."""
+    root = tmp_path_factory.mktemp("options")
+    model = root / "model"
+    shutil.copytree(trained_model, model, ignore=shutil.ignore_patterns("inference"))
+    data = root / "sarrarp"
+    shutil.copytree(release, data)
+    val_video = data / "train" / json.loads((model / "split.json").read_text())["val"][0]
+    shutil.copy(val_video / "frames" / "000000060.png", val_video / "frames" / "000000030.png")
+    result = run_script(INFER, "--data-directory", data, "--model-directory", model, "--split", "val", "--tta", "flip",
+                        "--min-component-size", "20", "--all-frames", "--batch-size", "4", "--num-workers", "0")
+    return result, model, data
+
+
+def ground_truth_masks(root):
+    return sorted(path.relative_to(root) for path in root.glob("video_*/segmentation/*.png"))
+
+
+def infer(*args):
+    """run_inference's main in this process (what the script runs), saving an interpreter start; returns the exit code."""
+    return run_inference.main([str(a) for a in args])
+
+
+def test_predictions_are_the_models_labels_at_the_source_size_in_the_official_layout(test_run, trained_model, release):
+    predictions = trained_model / "inference"
+    masks = ground_truth_masks(release / "test")
+    assert ground_truth_masks(predictions) == masks  # one per ground-truth mask, same names, nothing else
+    for mask in masks:
+        labels = read_label_png(predictions / mask)  # 8-bit single-channel class ids 0..9, or it raises
+        assert labels.dtype == np.uint8 and labels.shape == D.read_mask(release / "test" / mask).shape
+
+    model, config = load_trained_model(trained_model)  # a direct forward pass on one frame
+    frame = release / "test" / "video_41" / "frames" / "000000060.png"
+    content_h, content_w = config["resolution"]["content_size"]
+    padded_h, padded_w = config["resolution"]["padded_size"]
+    image = torch.from_numpy(D.read_scaled_image(frame, (content_h, content_w), use_cache=False)).permute(2, 0, 1)
+    padded = F.pad(image[None], (0, padded_w - content_w, 0, padded_h - content_h))
+    with torch.no_grad():
+        expected = model(padded, tuple(config["resolution"]["source_size"]), (content_h, content_w)).argmax(1)[0]
+    np.testing.assert_array_equal(read_label_png(predictions / "video_41" / "segmentation" / frame.name), expected.numpy())
+
+
+def test_each_ground_truth_frame_gets_a_picture_of_frame_prediction_and_truth(test_run, trained_model, release):
+    height, width = D.read_mask(release / "test" / "video_41" / "segmentation" / "000000000.png").shape
+    expected_height = run_inference.TITLE_HEIGHT + height + run_inference.legend_rows(3 * width) * run_inference.LEGEND_ROW_HEIGHT
+    for mask in ground_truth_masks(release / "test"):
+        picture = cv2.imread(str(trained_model / "inference" / mask.parent.parent / "visualisations" / mask.name))
+        assert picture.shape == (expected_height, 3 * width, 3)
+    frame = cv2.imread(str(release / "test" / "video_41" / "frames" / "000000000.png"))
+    picture = cv2.imread(str(trained_model / "inference" / "video_41" / "visualisations" / "000000000.png"))
+    np.testing.assert_array_equal(picture[run_inference.TITLE_HEIGHT:run_inference.TITLE_HEIGHT + height, :width], frame)
+    assert "visualisations:" in test_run.stdout
+
+
+def test_wide_sources_are_pictured_at_half_resolution():
+    frame, labels = np.zeros((100, 1400, 3), np.uint8), np.zeros((100, 1400), np.uint8)
+    picture = run_inference.visualisation(frame, labels, labels)
+    assert picture.shape == (run_inference.TITLE_HEIGHT + 50 + run_inference.LEGEND_ROW_HEIGHT, 3 * 700, 3)
+
+
+def test_metrics_json_is_the_official_score_of_the_written_predictions(test_run, trained_model, release):
+    output = trained_model / "inference"
+    metrics = json.loads((output / "metrics.json").read_text())
+    expected = evaluate_directories(release / "test", output, workers=1, progress=False)
+    assert {key: metrics[key] for key in expected} == expected
+    assert metrics["model_directory"] == str(trained_model) and metrics["checkpoint"] == "best"
+    assert metrics["data_directory"] == str(release) and metrics["split"] == "test"
+    assert metrics["inference"]["tta"] == "none" and metrics["frames"] == 6 and metrics["missing"] == []
+    assert set(metrics["videos"]) == {"video_41", "video_42"}
+
+    floor = summarize({video: [frame_scores(np.zeros_like(truth), truth) for truth in
+                               (D.read_mask(p) for p in sorted((release / "test" / video / "segmentation").glob("*.png")))]
+                       for video in ("video_41", "video_42")})
+    assert metrics["background_only"] == {key: floor[key] for key in ("mIoU", "mNSD", "score")}
+
+    with open(output / "per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["class"] for row in rows] == list(D.CLASS_NAMES[1:])
+    assert float(rows[4]["IoU"]) == pytest.approx(metrics["classes"]["thread"]["IoU"], abs=1e-6)
+    assert cv2.imread(str(output / "confusion_matrix.png")) is not None
+    for text in ("thread *", "suturing needle *", f"official score {metrics['score']:.4f}", "background everywhere"):
+        assert text in test_run.stdout
+
+
+def test_eval_only_rescores_the_predictions_without_the_model(test_run, trained_model, release, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    for weights in model.glob("*/weights.safetensors"):
+        weights.unlink()
+    (model / "inference" / "metrics.json").unlink()
+    result = run_script(INFER, "--eval-only", "--data-directory", release, "--model-directory", model)
+    rescored = json.loads((model / "inference" / "metrics.json").read_text())
+    original = json.loads((trained_model / "inference" / "metrics.json").read_text())
+    assert rescored["score"] == original["score"] and rescored["classes"] == original["classes"]
+    assert rescored["checkpoint"] == "best"  # from the predictions' record, not from a model
+    assert "visualisations:" not in result.stdout
+
+
+def test_predictions_directory_scores_any_folder_without_a_model(release, tmp_path, capsys):
+    perfect = tmp_path / "perfect"
+    shutil.copytree(release / "test", perfect, ignore=shutil.ignore_patterns("frames", "*.avi", "*.txt"))
+    assert infer("--data-directory", release, "--model-directory", tmp_path / "nothing-here",
+                 "--predictions-directory", perfect) == 0
+    metrics = json.loads((perfect / "metrics.json").read_text())
+    assert metrics["mIoU"] == metrics["mNSD"] == metrics["score"] == 1.0
+    assert metrics["model_directory"] is None and metrics["inference"] is None
+    assert (perfect / "per_class.csv").is_file() and (perfect / "confusion_matrix.png").is_file()
+    assert not (tmp_path / "nothing-here").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda labels: labels[::2, ::2], "size 64x48, ground truth is 128x96"),
+    (lambda labels: np.full_like(labels, 12), "value 12 above 9"),
+])
+def test_a_bad_prediction_stops_with_one_line_and_no_metrics(release, tmp_path, capsys, damage, message):
+    predictions = tmp_path / "predictions"
+    shutil.copytree(release / "test", predictions, ignore=shutil.ignore_patterns("frames", "*.avi", "*.txt"))
+    bad = predictions / "video_42" / "segmentation" / "000000060.png"
+    cv2.imwrite(str(bad), np.ascontiguousarray(damage(read_label_png(bad))))
+    assert infer("--data-directory", release, "--predictions-directory", predictions) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {bad}: {message}"  # after the progress bar
+    assert not (predictions / "metrics.json").exists()
+
+
+def test_a_missing_prediction_scores_zero_and_is_listed(release, tmp_path, capsys):
+    predictions = tmp_path / "predictions"
+    shutil.copytree(release / "test", predictions, ignore=shutil.ignore_patterns("frames", "*.avi", "*.txt"))
+    (predictions / "video_42" / "segmentation" / "000000060.png").unlink()
+    assert infer("--data-directory", release, "--predictions-directory", predictions) == 0
+    metrics = json.loads((predictions / "metrics.json").read_text())
+    assert metrics["missing"] == ["video_42/segmentation/000000060.png"]
+    assert metrics["videos"]["video_42"]["mIoU"] == pytest.approx(2 / 3) and metrics["videos"]["video_41"]["mIoU"] == 1.0
+    assert "1 ground-truth masks have no prediction and score 0: video_42/segmentation/000000060.png" in capsys.readouterr().err
+
+
+def test_a_directory_that_is_not_a_model_is_one_clear_line(release, tmp_path, capsys):
+    assert infer("--data-directory", release, "--model-directory", tmp_path) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path} is not a trained model directory (it has no config.json): "
+                                       "pass the --output-directory of run_training.py\n")
+    assert list(tmp_path.iterdir()) == []  # nothing written into it
+
+
+def test_a_model_without_the_chosen_weights_is_one_clear_line(trained_model, release, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model, ignore=shutil.ignore_patterns("inference", "best"))
+    assert infer("--data-directory", release, "--model-directory", model) == 1
+    assert capsys.readouterr().err.startswith(f"error: {model} has no best weights")
+    assert not (model / "inference").exists()
+
+
+def test_no_data_points_at_data_preparation_and_the_demo(trained_model, tmp_path, capsys):
+    assert infer("--data-directory", tmp_path / "sarrarp", "--model-directory", trained_model) == 1
+    assert capsys.readouterr().err == (
+        f"error: no test videos in {tmp_path / 'sarrarp' / 'test'}: see 'Data preparation' in README.md, "
+        "or try the built-in demo first: bash scripts/demo.sh\n")
+
+
+def test_split_val_predicts_and_scores_exactly_the_validation_videos(options_run):
+    result, model, data = options_run
+    val_videos = json.loads((model / "split.json").read_text())["val"]
+    metrics = json.loads((model / "inference" / "metrics.json").read_text())
+    assert list(metrics["videos"]) == sorted(val_videos) and metrics["split"] == "val"
+    assert sorted(p.name for p in (model / "inference").glob("video_*")) == sorted(val_videos)
+    assert metrics["frames"] == sum(len(list((data / "train" / v / "segmentation").glob("*.png"))) for v in val_videos)
+
+
+def test_test_time_options_run_and_all_frames_adds_the_unlabelled_ones(options_run):
+    result, model, data = options_run
+    metrics = json.loads((model / "inference" / "metrics.json").read_text())
+    assert metrics["inference"] == {"backbone": json.loads((model / "config.json").read_text())["backbone"],
+                                    "tta": "flip", "min_component_size": 20, "all_frames": True, "precision": "fp32"}
+    video = json.loads((model / "split.json").read_text())["val"][0]
+    names = sorted(p.name for p in (data / "train" / video / "frames").glob("*.png"))
+    assert "000000030.png" in names
+    predictions = model / "inference" / video
+    assert sorted(p.name for p in (predictions / "segmentation").glob("*.png")) == names
+    source = D.read_mask(data / "train" / video / "segmentation" / "000000000.png").shape
+    assert all(read_label_png(p).shape == source for p in (predictions / "segmentation").glob("*.png"))
+    assert not (predictions / "visualisations" / "000000030.png").exists()  # pictures only where there is truth
+
+
+def test_small_components_take_the_label_around_them():
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:25, 5:25] = 3       # a tool shaft, kept
+    labels[10:12, 10:12] = 5     # a 4-pixel thread blob inside it -> shaft
+    labels[30:32, 30:33] = 4     # a 6-pixel needle blob on background -> background
+    labels[30:40, 0:3] = 5       # a 30-pixel thread touching the image border, kept
+    labels[0, 39] = 9            # a 1-pixel catheter blob in the corner -> background
+    cleaned = run_inference.remove_small_components(labels, min_size=10)
+    expected = labels.copy()
+    expected[10:12, 10:12] = 3
+    expected[30:32, 30:33] = 0
+    expected[0, 39] = 0
+    np.testing.assert_array_equal(cleaned, expected)
+    np.testing.assert_array_equal(run_inference.remove_small_components(labels, min_size=0), labels)
