@@ -493,13 +493,10 @@ class Scene:
         return cv2.subtract(cv2.add(frame, positive), negative), mask
 
 
-def choose_extras(rng, order):
-    """Classes beside the tool's 1-3 (so 4-6 classes per video); cycling the first one by video
-    order guarantees every class appears in a dataset of a few videos."""
-    first = EXTRA_CLASSES[order % len(EXTRA_CLASSES)]
-    others = [c for c in EXTRA_CLASSES if c != first]
-    count = int(rng.integers(0, 3))
-    return {first, *(int(c) for c in rng.choice(others, count, replace=False))}
+def choose_extras(order):
+    """Three classes beside the tool's 1-3, cycling with the video order: every class is in half
+    of the videos, so each one is seen in training and found again in validation and test."""
+    return {int(EXTRA_CLASSES[(order + k) % len(EXTRA_CLASSES)]) for k in range(3)}
 
 
 def write_video(video_dir, scene, seconds, time_offset):
@@ -601,7 +598,7 @@ def render_operation(split_dir, number, parts, order, seconds, width, height, se
     """Render one video (or both parts of a two-part one); returns (folders, masks) written."""
     cv2.setNumThreads(1)
     rng = np.random.default_rng([seed, number])
-    scene = Scene(rng, width, height, choose_extras(rng, order))
+    scene = Scene(rng, width, height, choose_extras(order))
     names = [f"video_{number:02d}"] if parts == 1 else [f"video_{number:02d}_{p}" for p in range(1, parts + 1)]
     masks = 0
     for p, name in enumerate(names):
