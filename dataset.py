@@ -181,10 +181,23 @@ def scan_samples(samples: list[Sample], statistics_file: Path | None = None,
     return good, np.array(counts, dtype=np.int64), shapes.pop()
 
 
-def write_json_atomically(path: Path, data) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(data, indent=1))
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Write under a temporary name, then rename: a killed run never leaves a truncated file under the real name."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary.write_bytes(data)
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: Path, data) -> None:
+    write_bytes_atomically(path, json.dumps(data, indent=1).encode())
+
+
+def write_image_atomically(path: Path, image: np.ndarray, parameters=()) -> None:
+    """Encode by the file's extension (.png, .jpg) and write atomically."""
+    ok, encoded = cv2.imencode(path.suffix, image, list(parameters))
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    write_bytes_atomically(path, encoded.tobytes())
 
 
 # ----------------------------------------------------------------------------- split and weights
@@ -283,10 +296,7 @@ def read_scaled_image(image: Path, content_size: tuple[int, int], use_cache: boo
     scaled = cv2.resize(full, (width, height), interpolation=interpolation)
     if use_cache:
         cached.parent.mkdir(exist_ok=True)
-        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(scaled, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
-        temporary = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
-        temporary.write_bytes(encoded.tobytes())
-        os.replace(temporary, cached)
+        write_image_atomically(cached, cv2.cvtColor(scaled, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
     return scaled
 
 

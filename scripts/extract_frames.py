@@ -15,6 +15,9 @@ from pathlib import Path
 import cv2
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dataset import write_image_atomically  # noqa: E402
+
 FRAMES_PER_MASK = 60  # masks are 1 Hz in a 60 fps video
 RATES = {"labelled": None, "1": 60, "10": 6, "all": 1}
 
@@ -24,15 +27,6 @@ def wanted_frames(video_dir: Path, rate: str, frame_count: int) -> list[int]:
     if rate == "labelled":
         return sorted(int(p.stem) for p in (video_dir / "segmentation").glob("*.png"))
     return list(range(0, frame_count, RATES[rate]))
-
-
-def write_png_atomically(path: Path, image) -> None:
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_bytes(encoded.tobytes())
-    os.replace(temporary, path)
 
 
 def extract_video(video_path: Path, rate: str, output_name: str = "frames") -> tuple[int, int]:
@@ -61,7 +55,7 @@ def extract_video(video_path: Path, rate: str, output_name: str = "frames") -> t
                 ok, frame = capture.retrieve()
                 if not ok:
                     raise RuntimeError(f"{video_path}: cannot decode frame {index}")
-                write_png_atomically(output_dir / f"{index:09d}.png", frame)
+                write_image_atomically(output_dir / f"{index:09d}.png", frame)
             index += 1
     finally:
         capture.release()
