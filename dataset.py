@@ -22,6 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+# OpenCV's own thread pool deadlocks in forked children (DataLoader workers, process pools) once the
+# parent has used it; the pipeline parallelises with processes instead.
+cv2.setNumThreads(0)
+
 CLASS_NAMES = (
     "background", "tool clasper", "tool wrist", "tool shaft", "suturing needle",
     "thread", "suction tool", "needle holder", "clamps", "catheter",

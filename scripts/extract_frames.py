@@ -105,5 +105,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    cv2.setNumThreads(1)
     sys.exit(main())
