@@ -1,4 +1,4 @@
-"""DINOv3 ViT backbone with LoRA adapters and a per-patch MLP head for instrument segmentation."""
+"""DINOv3 ViT backbone with LoRA adapters and a segmentation head (per-patch MLP, or multi-layer upsampler)."""
 import json
 import os
 
@@ -167,13 +167,94 @@ def backbone_normalization(name_or_path: str, token: str | None = None) -> tuple
     return tuple(preprocessor.get("image_mean", IMAGENET_MEAN)), tuple(preprocessor.get("image_std", IMAGENET_STD))
 
 
+MLP_HEAD = {"type": "mlp", "hidden": 256}  # the seed's design, and the default
+HEAD_TYPES = ("mlp", "multilayer")
+
+
+class HeadConfigError(ValueError):
+    """A head setting that does not fit the backbone; the message says what to choose instead."""
+
+
+def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
+    """count evenly spaced 1-based layer indices ending at the last one: [3, 6, 9, 12] of 12, [1, 2, 3, 4] of 4."""
+    return sorted({max(1, num_layers * (i + 1) // count) for i in range(count)})
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv + GroupNorm (independent of the small per-GPU batch) + GELU."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.GroupNorm(8, out_channels), nn.GELU())
+
+
+class MultiLayerHead(nn.Module):
+    """Patch tokens of several ViT layers -> per-layer 1x1 projections, summed at 1/16 -> two x2 upsampling conv
+    stages -> logits at 1/4 of the input. Summing per-layer projections equals a 1x1 conv on their concatenation,
+    without materialising it. Widths: width at 1/16, width/2 at 1/8, width/4 at 1/4."""
+
+    def __init__(self, hidden_size: int, num_layers: int, width: int):
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Linear(hidden_size, width) for _ in range(num_layers))
+        self.stages = nn.ModuleList([conv_block(width, width), conv_block(width, width // 2),
+                                     conv_block(width // 2, width // 4)])
+        self.classifier = nn.Conv2d(width // 4, NUM_CLASSES, 1)
+
+    def forward(self, layer_tokens: list[torch.Tensor], grid_size: tuple[int, int]) -> torch.Tensor:
+        """layer_tokens: (B, h*w, hidden) per layer, grid_size (h, w) -> (B, NUM_CLASSES, 4h, 4w)."""
+        fused = sum(projection(tokens) for projection, tokens in zip(self.projections, layer_tokens))
+        x = self.stages[0](fused.transpose(1, 2).reshape(fused.shape[0], -1, *grid_size))
+        for stage in self.stages[1:]:
+            x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        return self.classifier(x)
+
+
+def resolve_head_config(head: dict | None, num_layers: int) -> dict:
+    """The head settings with defaults filled in and checked against a num_layers-layer backbone."""
+    head = dict(head or MLP_HEAD)
+    if head["type"] == "mlp":
+        return {"type": "mlp", "hidden": head.get("hidden", MLP_HEAD["hidden"])}
+    if head["type"] != "multilayer":
+        raise HeadConfigError(f"unknown head type {head['type']!r}: choose one of {', '.join(HEAD_TYPES)}")
+    layers = list(head.get("feature_layers") or default_feature_layers(num_layers))
+    bad = [i for i in layers if not 1 <= i <= num_layers]
+    if bad or len(set(layers)) != len(layers):
+        raise HeadConfigError(f"feature layers {layers} do not fit this {num_layers}-layer backbone: "
+                              f"give distinct 1-based layer indices from 1 to {num_layers}")
+    width = head.get("width", 256)
+    if width < 32 or width % 32:
+        raise HeadConfigError(f"head width {width} must be a positive multiple of 32 (GroupNorm of 8 groups at width/4)")
+    return {"type": "multilayer", "feature_layers": sorted(layers), "width": width}
+
+
+def upsample_to_source(logits, padded_size, content_size, output_size) -> torch.Tensor:
+    """Logits over the padded canvas (any stride) -> (B, C, H, W) over the output_size=(H, W) source: upsample the
+    canvas at the content's source scale, then keep the top-left source region."""
+    (padded_h, padded_w), (content_h, content_w), (out_h, out_w) = padded_size, content_size, output_size
+    upsampled_size = (round(padded_h * out_h / content_h), round(padded_w * out_w / content_w))
+    logits = F.interpolate(logits, size=upsampled_size, mode="bilinear", align_corners=False)
+    return logits[:, :, :out_h, :out_w]
+
+
 class SegmentationModel(nn.Module):
-    """LoRA-adapted frozen DINOv3 ViT; an MLP turns every patch token into class logits."""
+    """LoRA-adapted frozen DINOv3 ViT and a head: an MLP on every last-layer patch token (head type "mlp"), or a
+    progressive upsampler on the patch tokens of several layers, each through the backbone's final norm ("multilayer")."""
 
     def __init__(self, backbone: DINOv3ViTModel, mean, std, lora_rank=16, lora_alpha=32, lora_dropout=0.1,
-                 lora_target_modules=LORA_TARGET_MODULES, head_hidden=256, gradient_checkpointing=False):
+                 lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False):
         super().__init__()
         config = backbone.config
+        self.head_config = resolve_head_config(head, config.num_hidden_layers)
+        if self.head_config["type"] == "multilayer":
+            # Layers after the deepest feature layer would cost compute and leave LoRA weights without gradients
+            # (which DDP rejects): drop them.
+            backbone.model.layer = backbone.model.layer[:max(self.head_config["feature_layers"])]
+            self.head = MultiLayerHead(config.hidden_size, len(self.head_config["feature_layers"]), self.head_config["width"])
+        else:
+            hidden = self.head_config["hidden"]
+            self.head = nn.Sequential(
+                nn.Linear(config.hidden_size, hidden), nn.GELU(),
+                nn.Linear(hidden, hidden), nn.GELU(),
+                nn.Linear(hidden, NUM_CLASSES),
+            )
         if gradient_checkpointing:
             # Non-reentrant: the reentrant form silently gives LoRA no gradients, as the layer inputs (the
             # frozen embeddings' output) do not require grad.
@@ -183,45 +264,44 @@ class SegmentationModel(nn.Module):
         )
         self.backbone = get_peft_model(backbone, lora_config)  # freezes everything but the LoRA weights
         self.num_prefix_tokens = 1 + config.num_register_tokens  # CLS + registers precede the patch tokens
-        self.head = nn.Sequential(
-            nn.Linear(config.hidden_size, head_hidden), nn.GELU(),
-            nn.Linear(head_hidden, head_hidden), nn.GELU(),
-            nn.Linear(head_hidden, NUM_CLASSES),
-        )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def head_logits(self, pixels, grid_size) -> torch.Tensor:
+        """(B, NUM_CLASSES, h, w) logits at the patch grid (mlp) or at 4x the patch grid (multilayer)."""
+        if self.head_config["type"] == "mlp":
+            tokens = self.backbone(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens:]
+            return self.head(tokens).transpose(1, 2).reshape(len(pixels), NUM_CLASSES, *grid_size)
+        hidden_states = self.backbone(pixel_values=pixels, output_hidden_states=True).hidden_states  # [0]: embeddings
+        norm = self.backbone.get_base_model().norm
+        layer_tokens = [norm(hidden_states[i])[:, self.num_prefix_tokens:] for i in self.head_config["feature_layers"]]
+        return self.head(layer_tokens, grid_size)
 
     def forward(self, images, output_size, content_size=None):
         """images (B,3,Hp,Wp) 0..255, padded bottom/right around a content_size=(h,w) region scaled from the
         output_size=(H,W) source; returns (B,NUM_CLASSES,H,W) logits."""
-        batch, _, padded_h, padded_w = images.shape
+        padded_h, padded_w = images.shape[2:]
         if padded_h % PATCH_SIZE or padded_w % PATCH_SIZE:
             raise ValueError(
                 f"image sides must be multiples of {PATCH_SIZE}, got {padded_h}x{padded_w}: pad bottom/right first"
             )
-        content_h, content_w = content_size or (padded_h, padded_w)
-        if content_h > padded_h or content_w > padded_w:
-            raise ValueError(f"content_size {content_h}x{content_w} exceeds the padded image {padded_h}x{padded_w}")
+        content_size = content_size or (padded_h, padded_w)
+        if content_size[0] > padded_h or content_size[1] > padded_w:
+            raise ValueError(f"content_size {content_size[0]}x{content_size[1]} exceeds the padded image {padded_h}x{padded_w}")
         pixels = (images.float() / 255.0 - self.mean) / self.std
-        tokens = self.backbone(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens:]
-        logits = self.head(tokens).transpose(1, 2)
-        logits = logits.reshape(batch, NUM_CLASSES, padded_h // PATCH_SIZE, padded_w // PATCH_SIZE)
-        out_h, out_w = output_size
-        # Upsample the padded canvas at the content's source scale, then keep the top-left source region.
-        upsampled_size = (round(padded_h * out_h / content_h), round(padded_w * out_w / content_w))
-        logits = F.interpolate(logits, size=upsampled_size, mode="bilinear", align_corners=False)
-        return logits[:, :, :out_h, :out_w]
+        logits = self.head_logits(pixels, (padded_h // PATCH_SIZE, padded_w // PATCH_SIZE))
+        return upsample_to_source(logits, (padded_h, padded_w), content_size, output_size)
 
 
 def build_model(backbone_name_or_path, token=None, lora_rank=16, lora_alpha=32, lora_dropout=0.1,
-                lora_target_modules=LORA_TARGET_MODULES, head_hidden=256, gradient_checkpointing=False,
+                lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False,
                 attn_implementation="sdpa") -> SegmentationModel:
+    """head: config.json's "head" settings ({"type": "mlp", "hidden": 256} if None)."""
     backbone = load_backbone(backbone_name_or_path, token, attn_implementation)
     mean, std = backbone_normalization(backbone_name_or_path, token)
     return SegmentationModel(
         backbone, mean, std, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules, head_hidden=head_hidden,
-        gradient_checkpointing=gradient_checkpointing,
+        lora_target_modules=lora_target_modules, head=head, gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -229,6 +309,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def parameter_bytes(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) bytes the parameters take."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
     return trainable, total
 
 
@@ -283,8 +370,11 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
         backbone = backbone or config["backbone"]
     except (ValueError, KeyError, TypeError) as error:
         raise ModelDirectoryError(f"{config_path} is not a run_training.py config ({error!r})") from None
-    model = build_model(backbone, token, lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        lora_target_modules=lora["target_modules"], head_hidden=head["hidden"])
+    try:
+        model = build_model(backbone, token, lora_rank=lora["rank"], lora_alpha=lora["alpha"],
+                            lora_dropout=lora["dropout"], lora_target_modules=lora["target_modules"], head=head)
+    except HeadConfigError as error:
+        raise ModelDirectoryError(f"{config_path}: {error}") from None
     try:
         load_trainable_weights(model, weights_path)
     except ValueError as error:

@@ -1,4 +1,4 @@
-"""Fine-tune DINOv3 (LoRA) + an MLP head for SAR-RARP50 instrument segmentation.
+"""Fine-tune DINOv3 (LoRA) + a segmentation head (MLP or multi-layer upsampler) for SAR-RARP50 instrument segmentation.
 
 One process:  python run_training.py --data-directory sarrarp --output-directory trained-models
 Many GPUs:    torchrun --nproc_per_node 4 run_training.py ...   (DDP; only rank 0 writes and prints)
@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -21,12 +22,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import dataset as D
-from losses import weighted_cross_entropy
+from losses import LOSSES, soft_dice_loss, weighted_cross_entropy
 from metrics import frame_scores, summarize
-from model import (DEFAULT_BACKBONE, LORA_TARGET_MODULES, BackboneError, build_model, count_parameters,
-                   resolve_hf_token, save_trainable_weights, trainable_state_dict)
+from model import (DEFAULT_BACKBONE, HEAD_TYPES, LORA_TARGET_MODULES, BackboneError, HeadConfigError, build_model,
+                   count_parameters, parameter_bytes, resolve_hf_token, save_trainable_weights, trainable_state_dict)
 
 NO_DATA_HINT = ("see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh")
+
+
+def layer_list(text: str) -> list[int]:
+    """'3,6,9,12' -> [3, 6, 9, 12]"""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers, e.g. 3,6,9,12") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,9 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--lora-alpha", type=float, default=32, help="(default: %(default)s)")
     model.add_argument("--lora-dropout", type=float, default=0.1, help="(default: %(default)s)")
     model.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGET_MODULES), help="attention modules given LoRA (default: %(default)s)")
+    model.add_argument("--head", choices=HEAD_TYPES, default="mlp",
+                       help="mlp: 3-layer MLP on the last layer's patch tokens; multilayer: several layers fused and "
+                            "upsampled to 1/4 of the input by 3x3 convs (default: %(default)s)")
     model.add_argument("--head-hidden", type=int, default=256, help="hidden width of the 3-layer MLP head (default: %(default)s)")
+    model.add_argument("--feature-layers", type=layer_list, metavar="3,6,9,12",
+                       help="1-based ViT layers the multilayer head reads (default: 4 evenly spaced, ending at the last)")
+    model.add_argument("--head-width", type=int, default=256,
+                       help="multilayer head: width at 1/16, halved at 1/8 and 1/4; a multiple of 32 (default: %(default)s)")
 
     optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--loss", choices=LOSSES, default="ce",
+                              help="ce: class-weighted cross entropy; ce+dice: plus a soft Dice term over classes 1..9 (default: %(default)s)")
+    optimisation.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term of --loss ce+dice (default: %(default)s)")
     optimisation.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
     optimisation.add_argument("--max-steps", type=int, help="optimizer steps to train for; overrides --epochs")
     optimisation.add_argument("--batch-size", type=int, default=8, help="images per GPU per step (default: %(default)s)")
@@ -81,7 +100,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max-steps must be at least 1")
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
+    if args.feature_layers and args.head != "multilayer":
+        parser.error("--feature-layers applies to --head multilayer")
     return args
+
+
+def head_settings(args) -> dict:
+    """config.json's "head" as the arguments give it (model.py fills in the default feature layers)."""
+    if args.head == "mlp":
+        return {"type": "mlp", "hidden": args.head_hidden}
+    return {"type": "multilayer", "feature_layers": args.feature_layers, "width": args.head_width}
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of tensors on the GPU (torch.cuda.max_memory_allocated), else this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -254,10 +289,15 @@ def train(args) -> None:
     token = resolve_hf_token(args.hf_token_file)
     model = build_model(args.backbone, token, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, lora_target_modules=args.lora_targets,
-                        head_hidden=args.head_hidden, gradient_checkpointing=args.gradient_checkpointing).to(device)
+                        head=head_settings(args), gradient_checkpointing=args.gradient_checkpointing).to(device)
     del token
     trainable, total = count_parameters(model)
-    log(f"model: {args.backbone}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    head_parameters = sum(p.numel() for p in model.head.parameters())
+    trainable_bytes, total_bytes = parameter_bytes(model)
+    log(f"model: {args.backbone}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
+        f"parameters take {total_bytes / 2**20:.1f} MB ({trainable_bytes / 2**20:.1f} MB trainable)")
+    log(f"head: {model.head_config}, {head_parameters:,} parameters; loss: {args.loss}"
+        + (f" (dice weight {args.dice_weight})" if args.loss == "ce+dice" else ""))
 
     precision = args.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -308,8 +348,11 @@ def train(args) -> None:
             "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
             "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                      "target_modules": args.lora_targets},
-            "head": {"type": "mlp", "hidden": args.head_hidden},
-            "precision": precision, "world_size": world,
+            "head": model.head_config,
+            "loss": {"type": args.loss, **({"dice_weight": args.dice_weight} if args.loss == "ce+dice" else {})},
+            "parameters": {"trainable": trainable, "total": total, "head": head_parameters,
+                           "trainable_mb": trainable_bytes / 2**20, "total_mb": total_bytes / 2**20},
+            "precision": precision, "world_size": world, "device": device.type,
         })
 
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
@@ -360,8 +403,11 @@ def train(args) -> None:
                 masks = batch["mask"].to(device, non_blocking=True).long()
                 sync = micro == args.grad_accum_steps - 1 or world == 1
                 with (wrapped.no_sync() if not sync else torch.enable_grad()), autocast():
-                    logits = wrapped(images, source_size, content_size)
-                    loss = weighted_cross_entropy(logits.float(), masks, class_weights) / args.grad_accum_steps
+                    logits = wrapped(images, source_size, content_size).float()
+                    loss = weighted_cross_entropy(logits, masks, class_weights)
+                    if args.loss == "ce+dice":
+                        loss = loss + args.dice_weight * soft_dice_loss(logits, masks)
+                    loss = loss / args.grad_accum_steps
                     scaler.scale(loss).backward() if precision == "fp16" else loss.backward()
                 loss_sum += loss.item()
                 images_seen += len(images) * world
@@ -383,8 +429,9 @@ def train(args) -> None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss_sum:.4f}", img_per_s=f"{throughput:.1f}")
             if step % args.log_every == 0 or step == total_steps:
-                log_record({"step": step, "epoch": state["epoch"], "loss": loss_sum,
-                            "lr": scheduler.get_last_lr()[0], "images_per_second": throughput})
+                log_record({"step": step, "epoch": state["epoch"], "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+                            "images_per_second": throughput, "peak_memory_mb": peak_memory_mb(device)})
+            paused_at = time.perf_counter()
             end_of_epoch = state["batch_in_epoch"] == steps_per_epoch
             if (args.val_every and step % args.val_every == 0) or (not args.val_every and end_of_epoch) or step == total_steps:
                 evaluate_and_save(step)
@@ -393,6 +440,7 @@ def train(args) -> None:
             state["finished"] = step == total_steps
             if step % args.checkpoint_every == 0 or state["finished"]:
                 checkpoint(step)
+            started += time.perf_counter() - paused_at  # images/s counts training time, not validation or saving
             if state["finished"] or end_of_epoch:
                 break
     progress.close()
@@ -403,7 +451,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (D.DataError, BackboneError, FloatingPointError) as error:
+    except (D.DataError, BackboneError, HeadConfigError, FloatingPointError) as error:
         # DataLoader workers re-raise with their traceback in the message: keep its last line.
         message = str(error).strip().splitlines()[-1]
         message = message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
