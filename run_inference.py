@@ -12,6 +12,7 @@ confusion_matrix.png in the prediction folder.
 import argparse
 import collections
 import csv
+import io
 import json
 import os
 import sys
@@ -160,24 +161,14 @@ def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
     return labels
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Encode, write under a temporary name, rename: a killed run never leaves a truncated PNG under the real name."""
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_bytes(encoded.tobytes())
-    os.replace(temporary, path)
-
-
 def save_frame_outputs(labels, frame: Path, mask: Path | None, video_output: Path, min_component_size: int) -> None:
     """One frame's prediction PNG and, where it has ground truth, its picture."""
     if min_component_size:
         labels = remove_small_components(labels, min_component_size)
-    write_png(video_output / "segmentation" / frame.name, labels)
+    D.write_image_atomically(video_output / "segmentation" / frame.name, labels)
     if mask is not None:
         picture = visualisation(D.read_image(frame), labels, D.read_mask(mask))
-        write_png(video_output / "visualisations" / frame.name, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        D.write_image_atomically(video_output / "visualisations" / frame.name, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
 def list_frames(video_dirs: list[Path], data_directory: Path, all_frames: bool):
@@ -296,7 +287,7 @@ def draw_confusion_matrix(confusion, path: Path) -> None:
             if counts[i, j]:
                 cv2.putText(canvas, f"{share:.2f}", (x + 12, y + cell // 2 + 5), FONT, 0.45,
                             (255, 255, 255) if share > 0.5 else (0, 0, 0), 1, cv2.LINE_AA)
-    write_png(path, canvas)
+    D.write_image_atomically(path, canvas)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -314,11 +305,11 @@ def background_only_score(ground_truth_directory: Path, videos: list[str]) -> di
 
 
 def write_scores(metrics: dict, directory: Path) -> None:
-    with open(directory / ".per_class.csv.partial", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "IoU", "NSD"])
-        writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
-    os.replace(directory / ".per_class.csv.partial", directory / "per_class.csv")
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["class", "IoU", "NSD"])
+    writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
+    D.write_bytes_atomically(directory / "per_class.csv", table.getvalue().encode())
     draw_confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
     D.write_json_atomically(directory / "metrics.json", metrics)  # last: its presence means every output is complete
 
