@@ -1,6 +1,7 @@
 """DINOv3 ViT backbone with LoRA adapters and a segmentation head (per-patch MLP, or multi-layer upsampler)."""
 import json
 import os
+import warnings
 
 import huggingface_hub
 import torch
@@ -15,6 +16,9 @@ from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, PreTrainedConfig
 
 from dataset import NUM_CLASSES, PATCH_SIZE
+
+# peft 0.21 calls transformers' deprecated is_gradient_checkpointing: noise that tells a user nothing.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DEFAULT_BACKBONE = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ViT-B/16 pretrained on LVD-1689M
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # DINOv3ViTAttention's projections
