@@ -34,6 +34,27 @@ def demo_release(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def learnable_release(tmp_path_factory):
+    """A larger demo release (256x144, 6 masks a video) on which a tiny model learns within a minute."""
+    from make_demo_data import make_demo_dataset
+    root = tmp_path_factory.mktemp("learnable") / "sarrarp"
+    make_demo_dataset(root, train_videos=5, test_videos=0, seconds=6, width=256, height=144, seed=0)
+    run_script(ROOT / "scripts" / "extract_frames.sh", root, "--jobs", "2")
+    return root
+
+
+def background_scores(release: Path, videos: list[str]) -> dict:
+    """The official scores of predicting background everywhere on these training-folder videos."""
+    import numpy as np
+
+    import dataset as D
+    from metrics import frame_scores, summarize
+    return summarize({video: [frame_scores(np.zeros_like(mask), mask) for mask in
+                              map(D.read_mask, sorted((release / "train" / video / "segmentation").glob("*.png")))]
+                      for video in videos})
+
+
 @pytest.fixture
 def release_copy(demo_release, tmp_path):
     destination = tmp_path / "sarrarp"

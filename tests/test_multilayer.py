@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import run_inference
 import run_training
-from conftest import ROOT, run_script
+from conftest import ROOT, background_scores, run_script
 from dataset import IGNORE_INDEX, NUM_CLASSES
 from losses import soft_dice_loss
 from make_tiny_backbone import save_tiny_backbone
@@ -41,11 +41,11 @@ def records(output):
 
 
 @pytest.fixture(scope="module")
-def multilayer_run(release, backbone, tmp_path_factory):
+def multilayer_run(learnable_release, backbone, tmp_path_factory):
     output = tmp_path_factory.mktemp("multilayer") / "run"
-    result = run_script(*training_args(release, backbone, output, "--head", "multilayer", "--head-width", "64",
-                                       "--resolution", "quarter", "--max-steps", "30", "--val-every", "30",
-                                       "--lr", "1e-3", "--head-lr", "1e-2"))  # last/first 5 losses ~0.76
+    result = run_script(*training_args(learnable_release, backbone, output, "--head", "multilayer",
+                                       "--resolution", "full", "--max-steps", "100", "--val-every", "100",
+                                       "--batch-size", "8", "--warmup-steps", "5", "--lr", "1e-3", "--head-lr", "3e-3"))
     return result, output
 
 
@@ -81,28 +81,27 @@ def test_a_bad_feature_layer_on_the_command_line_is_one_line(release, backbone, 
         "error: feature layers [2, 7] do not fit this 4-layer backbone: give distinct 1-based layer indices from 1 to 4")
 
 
-def test_multilayer_training_records_its_head_and_the_loss_drops(multilayer_run):
-    # On 2 busy CPU cores a run of tens of seconds does not lift the official validation mIoU clearly above
-    # predicting background everywhere (a tiny random backbone on 15 frames): the training loss must drop instead.
+def test_the_multilayer_head_learns_the_demo_data_and_records_its_settings(multilayer_run, learnable_release):
     result, output = multilayer_run
-    assert "head: {'type': 'multilayer', 'feature_layers': [1, 2, 3, 4], 'width': 64}" in result.stdout
+    assert "head: {'type': 'multilayer', 'feature_layers': [1, 2, 3, 4], 'width': 256}" in result.stdout
     config = json.loads((output / "config.json").read_text())
-    assert config["head"] == {"type": "multilayer", "feature_layers": [1, 2, 3, 4], "width": 64}
+    assert config["head"] == {"type": "multilayer", "feature_layers": [1, 2, 3, 4], "width": 256}
     assert config["loss"] == {"type": "ce"}
     assert 0 < config["parameters"]["head"] < config["parameters"]["trainable"]
-    losses = [r["loss"] for r in records(output) if "loss" in r]
-    assert len(losses) == 30 and sum(losses[-5:]) < 0.85 * sum(losses[:5])
     assert all(r["peak_memory_mb"] > 0 for r in records(output) if "loss" in r)
+    validation = [r["val"] for r in records(output) if "val" in r][-1]
+    background = background_scores(learnable_release, json.loads((output / "split.json").read_text())["val"])
+    assert validation["mIoU"] > background["mIoU"] + 0.05
 
 
-def test_a_multilayer_checkpoint_reloads_in_run_inference_without_extra_flags(multilayer_run, release):
+def test_a_multilayer_checkpoint_reloads_in_run_inference_without_extra_flags(multilayer_run, learnable_release):
     _, output = multilayer_run
     model, config = load_trained_model(output)
     assert isinstance(model.head, MultiLayerHead) and config["head"]["type"] == "multilayer"
-    assert run_inference.main(["--data-directory", str(release), "--model-directory", str(output), "--split", "val",
+    assert run_inference.main(["--data-directory", str(learnable_release), "--model-directory", str(output), "--split", "val",
                                "--batch-size", "4", "--num-workers", "0"]) == 0
     scores = json.loads((output / "inference" / "metrics.json").read_text())
-    assert scores["frames"] == 3 * len(json.loads((output / "split.json").read_text())["val"])
+    assert scores["frames"] == 6 * len(json.loads((output / "split.json").read_text())["val"])
 
 
 def test_full_resolution_trains_a_step_with_the_multilayer_head_and_dice(release, backbone, tmp_path):
