@@ -211,13 +211,18 @@ def main() -> int:
         parser.error("--seconds and --repeats must be at least 1")
     cv2.setNumThreads(1)  # as scripts/extract_frames.py
 
+    return run_in_workdir(run, args, parser, prefix="bench_extraction_")
+
+
+def run_in_workdir(run, args, parser, prefix: str) -> int:
+    """run(args, work) in --workdir (which must be empty) or in a temporary folder, removed unless --keep."""
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
         if any(args.workdir.iterdir()):
             parser.error(f"{args.workdir} is not empty")
         work = args.workdir
     else:
-        work = Path(tempfile.mkdtemp(prefix="bench_extraction_"))
+        work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         return run(args, work)
     finally:

@@ -25,7 +25,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_demo_data as demo  # noqa: E402
+from bench_extraction import run_in_workdir  # noqa: E402
 from dataset import (SegmentationDataset, cached_frame_path, find_samples, find_video_dirs,  # noqa: E402
                      read_image, read_mask, read_scaled_image, scan_samples)
 
@@ -167,20 +167,7 @@ def main() -> int:
         parser.error("--frames and --repeats must be at least 1")
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        if any(args.workdir.iterdir()):
-            parser.error(f"{args.workdir} is not empty")
-        work = args.workdir
-    else:
-        work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
-    try:
-        return run(args, work)
-    finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    return run_in_workdir(run, args, parser, prefix="bench_loader_")
 
 
 def run(args, work: Path) -> int:
