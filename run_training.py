@@ -272,11 +272,12 @@ def train(args) -> None:
     config_path = output / "config.json"
     metrics_file = output / "metrics.jsonl"
     log = print if rank == 0 else (lambda *a, **k: None)
+    # Checked on every rank: an error on rank 0 alone would leave the others waiting at the next barrier.
+    if not args.resume and checkpoint_path.exists():
+        raise D.DataError(f"{output} already holds a run: pass --resume to continue it, or choose another --output-directory")
+    if args.resume and not checkpoint_path.exists():
+        raise D.DataError(f"nothing to resume: {checkpoint_path} does not exist")
     if rank == 0:
-        if not args.resume and checkpoint_path.exists():
-            raise D.DataError(f"{output} already holds a run: pass --resume to continue it, or choose another --output-directory")
-        if args.resume and not checkpoint_path.exists():
-            raise D.DataError(f"nothing to resume: {checkpoint_path} does not exist")
         output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 

@@ -24,24 +24,26 @@ def run_script(*args, check=True, cwd=ROOT, env=None):
     return result
 
 
-@pytest.fixture(scope="session")
-def demo_release(tmp_path_factory):
-    """A tiny synthetic release in the SAR-RARP50 layout, frames extracted. Copy it before changing it."""
+def extracted_demo_release(root: Path, **sizes) -> Path:
+    """A synthetic release in the SAR-RARP50 layout (scripts/make_demo_data.py), frames extracted."""
     from make_demo_data import make_demo_dataset
-    root = tmp_path_factory.mktemp("release") / "sarrarp"
-    make_demo_dataset(root, train_videos=5, test_videos=2, seconds=3, width=128, height=96, seed=0)
+    make_demo_dataset(root, train_videos=5, seed=0, **sizes)
     run_script(ROOT / "scripts" / "extract_frames.sh", root, "--jobs", "2")
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_release(tmp_path_factory):
+    """A tiny release: 6 training video folders (one operation in two parts), 2 test videos. Copy it to change it."""
+    return extracted_demo_release(tmp_path_factory.mktemp("release") / "sarrarp",
+                                  test_videos=2, seconds=3, width=128, height=96)
 
 
 @pytest.fixture(scope="session")
 def learnable_release(tmp_path_factory):
-    """A larger demo release (256x144, 6 masks a video) on which a tiny model learns within a minute."""
-    from make_demo_data import make_demo_dataset
-    root = tmp_path_factory.mktemp("learnable") / "sarrarp"
-    make_demo_dataset(root, train_videos=5, test_videos=0, seconds=6, width=256, height=144, seed=0)
-    run_script(ROOT / "scripts" / "extract_frames.sh", root, "--jobs", "2")
-    return root
+    """A larger release (256x144, 6 masks a video) on which a tiny model learns within a minute."""
+    return extracted_demo_release(tmp_path_factory.mktemp("learnable") / "sarrarp",
+                                  test_videos=0, seconds=6, width=256, height=144)
 
 
 def background_scores(release: Path, videos: list[str]) -> dict:
