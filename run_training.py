@@ -146,33 +146,44 @@ def any_rank(flag: bool, device) -> bool:
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(args, output: Path, rank: int, world: int):
-    """Samples, split, class weights; rank 0 scans (and caches) the masks first, the others reuse its cache."""
+def prepare_data(args, rank: int, world: int, device):
+    """Samples, split and class weights, plus the JSON records to write (split.json, class_weights.json).
+
+    Rank 0 scans (and caches) the masks first and the others reuse its cache; an error on rank 0
+    is passed on to every rank so that none waits forever.
+    """
     train_root = Path(args.data_directory) / "train"
     video_dirs = D.find_video_dirs(train_root) if train_root.is_dir() else []
     if not video_dirs:
         raise D.DataError(f"no training videos in {train_root}: {NO_DATA_HINT}")
     samples = D.find_samples(video_dirs, skip_bad=args.skip_bad_samples)
     statistics_file = Path(args.data_directory) / D.STATISTICS_FILE
+    error = None
+    if rank == 0:
+        try:
+            scanned = D.scan_samples(samples, statistics_file, skip_bad=args.skip_bad_samples)
+        except D.DataError as caught:
+            error = caught
+    if any_rank(error is not None, device):
+        raise error or D.DataError("rank 0 found bad training data (its message says which)")
     if rank != 0:
-        dist.barrier()
-    samples, pixel_counts, source_size = D.scan_samples(samples, statistics_file, skip_bad=args.skip_bad_samples)
-    if rank == 0 and world > 1:
-        dist.barrier()
+        scanned = D.scan_samples(samples, statistics_file, skip_bad=args.skip_bad_samples)
+    samples, pixel_counts, source_size = scanned
     train_videos, val_videos = D.split_by_video([s.video for s in samples], args.val_fraction, args.seed, args.val_videos)
     is_train = np.array([s.video in set(train_videos) for s in samples])
     totals = pixel_counts[is_train].sum(0)
     frequencies = totals / totals.sum()
     weights = D.class_weights_from_frequencies(frequencies)
-    if rank == 0:
-        write_json(output / "split.json", {"train": train_videos, "val": val_videos})
-        write_json(output / "class_weights.json", {
+    records = {
+        "split.json": {"train": train_videos, "val": val_videos},
+        "class_weights.json": {
             "formula": "w = 1 / ln(1.02 + f), f = pixel frequency of the class over the training split",
             "classes": {name: {"frequency": float(f), "weight": float(w)}
-                        for name, f, w in zip(D.CLASS_NAMES, frequencies, weights)}})
+                        for name, f, w in zip(D.CLASS_NAMES, frequencies, weights)}},
+    }
     train_samples = [s for s, t in zip(samples, is_train) if t]
     val_samples = [s for s, t in zip(samples, is_train) if not t]
-    return train_samples, val_samples, source_size, torch.tensor(weights, dtype=torch.float32)
+    return train_samples, val_samples, source_size, torch.tensor(weights, dtype=torch.float32), records
 
 
 def write_json(path: Path, data) -> None:
@@ -277,11 +288,10 @@ def train(args) -> None:
         raise D.DataError(f"{output} already holds a run: pass --resume to continue it, or choose another --output-directory")
     if args.resume and not checkpoint_path.exists():
         raise D.DataError(f"nothing to resume: {checkpoint_path} does not exist")
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
-    train_samples, val_samples, source_size, class_weights = prepare_data(args, output, rank, world)
+    # Everything that can fail on bad input (data, backbone, token) runs before anything is written.
+    train_samples, val_samples, source_size, class_weights, records = prepare_data(args, rank, world, device)
     scale = D.RESOLUTION_SCALES[args.resolution]
     train_data = D.SegmentationDataset(train_samples, source_size, scale, augment=True, cache_frames=args.cache_frames, seed=args.seed)
     val_data = D.SegmentationDataset(val_samples, source_size, scale, cache_frames=args.cache_frames)
@@ -304,6 +314,11 @@ def train(args) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        for name, record in records.items():
+            write_json(output / name, record)
 
     head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]

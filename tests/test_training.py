@@ -164,3 +164,14 @@ def test_the_tiny_model_learns_the_demo_data_well_above_predicting_background(le
     background = background_scores(learnable_release, json.loads((output / "split.json").read_text())["val"])
     assert validation["mIoU"] > background["mIoU"] + 0.05
     assert validation["score"] > background["score"] + 0.1
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--val-videos", "video_99"], "error: validation videos not found in the data: video_99"),
+    (["--hf-token-file", "no-such-token.txt"], "error: token file no-such-token.txt does not exist"),
+])
+def test_a_run_that_cannot_start_writes_nothing(demo_release, backbone, tmp_path, bad, message):
+    output = tmp_path / "run"
+    result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "1", *bad), check=False)
+    assert result.returncode == 1 and result.stderr.startswith(message)
+    assert not output.exists()
