@@ -139,7 +139,8 @@ def scan_samples(samples: list[Sample], statistics_file: Path | None = None,
         try:
             cache = json.loads(statistics_file.read_text())
         except (OSError, ValueError):
-            cache = {}
+            pass
+        cache = cache if isinstance(cache, dict) else {}
 
     def scan(sample: Sample):
         stat = sample.mask.stat()

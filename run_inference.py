@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dataset as D
-from metrics import SCORED_CLASSES, PredictionError, evaluate_directories, frame_scores, read_label_png, summarize
+from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, read_label_png, summarize
 from model import BackboneError, ModelDirectoryError, load_trained_model, resolve_hf_token
 
 NO_DATA_HINT = "see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh"
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (D.DataError, PredictionError, ModelDirectoryError, BackboneError) as error:
+    except (D.DataError, ModelDirectoryError, BackboneError, ValueError, OSError) as error:  # PredictionError is a ValueError
         # DataLoader workers re-raise with their traceback in the message: keep its last line.
         message = str(error).strip().splitlines()[-1]
         message = message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message

@@ -27,6 +27,10 @@ from metrics import frame_scores, summarize
 from model import (DEFAULT_BACKBONE, HEAD_TYPES, LORA_TARGET_MODULES, BackboneError, HeadConfigError, build_model,
                    count_parameters, parameter_bytes, resolve_hf_token, save_trainable_weights, trainable_state_dict)
 
+# Arguments a resumed run may change; any other change would silently break the schedule, the data
+# order or the model (e.g. a new batch size shifts where the epoch resumes).
+CHANGEABLE_ON_RESUME = {"resume", "hf_token_file", "num_workers", "val_every", "checkpoint_every", "log_every",
+                        "cache_frames", "skip_bad_samples", "data_directory", "output_directory", "backbone"}
 NO_DATA_HINT = ("see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh")
 
 
@@ -186,6 +190,14 @@ def prepare_data(args, rank: int, world: int, device):
     return train_samples, val_samples, source_size, torch.tensor(weights, dtype=torch.float32), records
 
 
+def logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line half-written by a killed run."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
 def write_json(path: Path, data) -> None:
     D.write_json_atomically(path, data)
 
@@ -226,8 +238,6 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict
     checkpoint = {
         "model": {name: tensor.cpu() for name, tensor in trainable_state_dict(model).items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         **state,
     }
     temporary = path.with_name(f".{path.name}.partial")
@@ -288,6 +298,13 @@ def train(args) -> None:
         raise D.DataError(f"{output} already holds a run: pass --resume to continue it, or choose another --output-directory")
     if args.resume and not checkpoint_path.exists():
         raise D.DataError(f"nothing to resume: {checkpoint_path} does not exist")
+    if args.resume:
+        saved = json.loads(config_path.read_text())
+        changed = [f"--{k.replace('_', '-')} {saved['arguments'].get(k)} -> {v}" for k, v in vars(args).items()
+                   if k not in CHANGEABLE_ON_RESUME and saved["arguments"].get(k) != v]
+        changed += [f"{saved['world_size']} -> {world} processes"] if saved["world_size"] != world else []
+        if changed:
+            raise D.DataError(f"--resume continues a run with its own settings, but these changed: {'; '.join(changed)}")
     torch.manual_seed(args.seed)
 
     # Everything that can fail on bad input (data, backbone, token) runs before anything is written.
@@ -344,18 +361,20 @@ def train(args) -> None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        if checkpoint["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        rng = checkpoint["rng"][rank]  # each rank's own generators: LoRA dropout differs per rank
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
         state = {k: checkpoint[k] for k in state}
         if state["finished"]:
             log(f"{output} holds a finished run (step {state['step']}); nothing to do")
             return
         if rank == 0 and metrics_file.exists():  # drop what was logged after the checkpoint
-            records = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
-            metrics_file.write_text("".join(line + "\n" for line in records))
+            kept = [line for line in metrics_file.read_text().splitlines() if logged_step(line) <= state["step"]]
+            metrics_file.write_text("".join(line + "\n" for line in kept))
         log(f"resuming at step {state['step']} of {total_steps}")
     elif rank == 0:
+        metrics_file.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
         write_json(config_path, {
             "arguments": {k: v for k, v in vars(args).items() if k != "hf_token_file"},
             "backbone": args.backbone, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
@@ -395,9 +414,14 @@ def train(args) -> None:
                 save_weights(model, output / "best")
 
     def checkpoint(step):
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rngs = [rng]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng)
         if rank == 0:
             save_weights(model, output / "last")
-            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, state)
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, {**state, "rng": rngs})
             plot_training_curves(metrics_file, output / "training_curves.png") if metrics_file.exists() else None
 
     progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=rank != 0)
@@ -467,7 +491,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (D.DataError, BackboneError, HeadConfigError, FloatingPointError) as error:
+    except (D.DataError, BackboneError, HeadConfigError, FloatingPointError, OSError) as error:
         # DataLoader workers re-raise with their traceback in the message: keep its last line.
         message = str(error).strip().splitlines()[-1]
         message = message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message

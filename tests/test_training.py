@@ -83,6 +83,11 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_with_the_same_weights(de
 
     finished = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume"))
     assert "holds a finished run (step 10); nothing to do" in finished.stdout
+    changed = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume", "--batch-size", "4",
+                                        "--lr", "1e-6"), check=False)
+    assert changed.returncode == 1
+    assert changed.stderr.strip() == ("error: --resume continues a run with its own settings, but these changed: "
+                                      "--batch-size 2 -> 4; --lr 0.0002 -> 1e-06")
 
 
 def test_two_processes_with_torchrun_train_together_and_only_rank_0_writes(demo_release, backbone, tmp_path):
