@@ -354,6 +354,9 @@ def run(args) -> None:
     result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos)
     provenance_file = predictions_directory / PROVENANCE_FILE
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    if args.eval_only and not provenance:
+        print(f"warning: {provenance_file} is missing: these predictions may come from a run that did not finish",
+              file=sys.stderr)
     metrics = {
         **result,
         "model_directory": provenance.get("model_directory"), "checkpoint": provenance.get("checkpoint"),
