@@ -8,7 +8,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -198,10 +197,6 @@ def logged_step(line: str) -> float:
         return math.inf
 
 
-def write_json(path: Path, data) -> None:
-    D.write_json_atomically(path, data)
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -335,7 +330,7 @@ def train(args) -> None:
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         for name, record in records.items():
-            write_json(output / name, record)
+            D.write_json_atomically(output / name, record)
 
     head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -375,7 +370,7 @@ def train(args) -> None:
         log(f"resuming at step {state['step']} of {total_steps}")
     elif rank == 0:
         metrics_file.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
-        write_json(config_path, {
+        D.write_json_atomically(config_path, {
             "arguments": {k: v for k, v in vars(args).items() if k != "hf_token_file"},
             "backbone": args.backbone, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
             "resolution": {"name": args.resolution, "scale": scale, "source_size": list(source_size),
