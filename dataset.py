@@ -234,9 +234,18 @@ def split_by_video(videos: list[str], val_fraction: float = 0.2, seed: int = 0,
     return train, val
 
 
-def class_weights_from_frequencies(frequencies: np.ndarray, c: float = 1.02) -> np.ndarray:
-    """w = 1 / ln(c + f) (ENet, Paszke et al. 2016): rare classes weigh more, bounded by 1/ln(c) = 50.5."""
-    return 1.0 / np.log(c + np.asarray(frequencies, dtype=np.float64))
+CLASS_WEIGHTS = {  # name: (formula, weights of the per-class pixel frequencies f over the training split)
+    "enet": ("w = 1 / ln(1.02 + f) (ENet, Paszke et al. 2016): rare classes weigh more, at most 1/ln(1.02) = 50.5",
+             lambda f: 1.0 / np.log(1.02 + f)),
+    "one-minus-frequency": ("w = 1 - f (the design we start from): every class near 1, frequent ones a little less",
+                            lambda f: 1.0 - f),
+    "none": ("w = 1: plain cross entropy", np.ones_like),
+}
+
+
+def class_weights_from_frequencies(frequencies: np.ndarray, kind: str = "enet") -> np.ndarray:
+    """Loss weight of every class from its pixel frequency, by one of the CLASS_WEIGHTS formulas."""
+    return CLASS_WEIGHTS[kind][1](np.asarray(frequencies, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------- resolution and augmentation
@@ -262,16 +271,23 @@ class FullResolutionMaskAffine(A.Affine):
         return super().apply_to_mask(mask, matrix, output_shape=mask.shape[:2], **params)
 
 
-def spatial_augmentation() -> A.Compose:
+AUGMENTATIONS = ("default", "seed")
+
+
+def spatial_augmentation(kind: str = "default") -> A.Compose:
+    """default: ours; seed: the design we start from's random affine (always applied) and flip."""
+    affine = dict(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.7) if kind == "default" else \
+        dict(scale=(0.7, 1.3), translate_percent=(-0.2, 0.2), rotate=(-15, 15), shear=(-10, 10), p=1.0)
     return A.Compose([
         A.HorizontalFlip(p=0.5),
-        FullResolutionMaskAffine(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-15, 15),
-                                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
-                                 fill=0, fill_mask=IGNORE_INDEX, p=0.7),
+        FullResolutionMaskAffine(**affine, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                                 fill=0, fill_mask=IGNORE_INDEX),
     ], is_check_shapes=False)  # the mask is at full resolution, the image at training resolution
 
 
-def colour_augmentation() -> A.Compose:
+def colour_augmentation(kind: str = "default") -> A.Compose:
+    if kind == "seed":
+        return A.Compose([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1, p=1.0)])
     return A.Compose([
         A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.03, p=0.8),
         A.RandomGamma(gamma_limit=(80, 120), p=0.3),
@@ -315,14 +331,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[Sample], source_size: tuple[int, int], scale: float = 0.5,
-                 augment: bool = False, cache_frames: bool = False, seed: int = 0):
+                 augment: bool = False, cache_frames: bool = False, seed: int = 0, augmentation: str = "default"):
         self.samples = samples
         self.seed, self.epoch = seed, 0
         self.source_size = source_size
         self.content_size, self.padded_size = training_size(source_size, scale)
         self.cache_frames = cache_frames
-        self.spatial = spatial_augmentation() if augment else None
-        self.colour = colour_augmentation() if augment else None
+        self.spatial = spatial_augmentation(augmentation) if augment else None
+        self.colour = colour_augmentation(augmentation) if augment else None
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -1,4 +1,6 @@
-"""DINOv3 ViT backbone with LoRA adapters and a segmentation head (per-patch MLP, or multi-layer upsampler)."""
+"""DINOv3 ViT backbone (frozen, LoRA-adapted or fully trained) and a segmentation head (the seed's pixel MLP,
+a per-patch MLP, or a multi-layer upsampler)."""
+import contextlib
 import json
 import os
 import warnings
@@ -21,7 +23,17 @@ from dataset import NUM_CLASSES, PATCH_SIZE
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DEFAULT_BACKBONE = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ViT-B/16 pretrained on LVD-1689M
+# Short names of Meta's released DINOv3 ViTs: web images (LVD-1689M), and satellite images (SAT-493M).
+BACKBONES = {
+    **{name: f"facebook/dinov3-{name}-pretrain-lvd1689m"
+       for name in ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16")},
+    **{f"{name}-sat493m": f"facebook/dinov3-{name}-pretrain-sat493m" for name in ("vitl16", "vit7b16")},
+}
+BACKBONE_TRAINING = ("frozen", "lora", "full")
+BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # DINOv3ViTAttention's projections
+ALL_LINEAR = "all-linear"  # peft's shortcut: every linear layer of the backbone (attention and MLP)
+CONFIG_VERSION = 2  # config.json written before version 2 meant the per-patch head by "mlp"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -92,11 +104,22 @@ def _probe_hub(name: str, token: str | None) -> None:
         raise _unreachable(name) from None
 
 
+def resolve_backbone(name_or_path) -> str:
+    """A short name (vitl16, vit7b16-sat493m...) -> its hub id; hub ids and local paths pass unchanged."""
+    name_or_path = str(name_or_path)
+    if name_or_path in BACKBONES:
+        return BACKBONES[name_or_path]
+    if "/" not in name_or_path and not os.path.exists(name_or_path):
+        raise BackboneError(f"unknown backbone {name_or_path!r}: give a hub id, a local directory, or one of "
+                            f"{', '.join(BACKBONES)}")
+    return name_or_path
+
+
 def _is_hub_id(name_or_path: str) -> bool:
     return not os.path.exists(name_or_path) and name_or_path.count("/") == 1 and not name_or_path.startswith((".", "~"))
 
 
-def _from_pretrained(name_or_path, token, attn_implementation, local_files_only) -> DINOv3ViTModel:
+def _from_pretrained(name_or_path, token, attn_implementation, local_files_only, dtype) -> DINOv3ViTModel:
     config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path, token=token, local_files_only=local_files_only)
     if config_dict.get("model_type") != "dinov3_vit":
         raise BackboneError(
@@ -110,12 +133,13 @@ def _from_pretrained(name_or_path, token, attn_implementation, local_files_only)
     })
     return DINOv3ViTModel.from_pretrained(
         name_or_path, config=config, token=token, local_files_only=local_files_only,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, dtype=dtype,
     )
 
 
-def load_backbone(name_or_path: str, token: str | None = None, attn_implementation: str = "sdpa") -> DINOv3ViTModel:
-    """A DINOv3 ViT from a save_pretrained directory or a hub id (local cache first, then the hub)."""
+def load_backbone(name_or_path: str, token: str | None = None, attn_implementation: str = "sdpa",
+                  dtype: torch.dtype = torch.float32) -> DINOv3ViTModel:
+    """A DINOv3 ViT from a save_pretrained directory or a hub id (local cache first, then the hub), in dtype."""
     if not _is_hub_id(name_or_path):
         if not os.path.isdir(name_or_path):
             raise BackboneError(f"backbone directory {name_or_path} does not exist: pass a DINOv3 directory or hub id")
@@ -124,20 +148,20 @@ def load_backbone(name_or_path: str, token: str | None = None, attn_implementati
                 f"{name_or_path} has no config.json: pass a DINOv3 directory written by save_pretrained"
             )
         try:
-            return _from_pretrained(name_or_path, None, attn_implementation, local_files_only=True)
+            return _from_pretrained(name_or_path, None, attn_implementation, local_files_only=True, dtype=dtype)
         except OSError:
             raise BackboneError(
                 f"{name_or_path} holds no loadable DINOv3 weights: pass a DINOv3 directory written by save_pretrained"
             ) from None
     try:
-        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=True)
+        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=True, dtype=dtype)
     except OSError:
         pass  # not in the local cache
     if _hub_offline():
         raise _unreachable(name_or_path)
     _probe_hub(name_or_path, token)
     try:
-        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=False)
+        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=False, dtype=dtype)
     except OSError:
         raise BackboneError(
             f"downloading {name_or_path} from the Hugging Face hub failed: retry, or pass a local --backbone directory"
@@ -171,8 +195,8 @@ def backbone_normalization(name_or_path: str, token: str | None = None) -> tuple
     return tuple(preprocessor.get("image_mean", IMAGENET_MEAN)), tuple(preprocessor.get("image_std", IMAGENET_STD))
 
 
-MLP_HEAD = {"type": "mlp", "hidden": 256}  # the seed's design, and the default
-HEAD_TYPES = ("mlp", "multilayer")
+HEAD_TYPES = ("mlp", "patch-mlp", "multilayer")
+PATCH_MLP_HIDDEN = 256
 
 
 class HeadConfigError(ValueError):
@@ -182,6 +206,27 @@ class HeadConfigError(ValueError):
 def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
     """count evenly spaced 1-based layer indices ending at the last one: [3, 6, 9, 12] of 12, [1, 2, 3, 4] of 4."""
     return sorted({max(1, num_layers * (i + 1) // count) for i in range(count)})
+
+
+def three_layer_mlp(in_features: int, hidden: int, out_features: int, activation=nn.ReLU) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_features, hidden), activation(), nn.Linear(hidden, hidden), activation(),
+                         nn.Linear(hidden, out_features))
+
+
+class PixelMLPHead(nn.Module):
+    """The seed's head: each patch token -> 3-layer MLP -> the C x P x P logits of the P x P pixels under it,
+    so every pixel of the input gets its own logits (no bilinear field inside a patch)."""
+
+    def __init__(self, hidden_size: int, hidden: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.mlp = three_layer_mlp(hidden_size, hidden, NUM_CLASSES * patch_size**2)
+
+    def forward(self, tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """tokens (B, h*w, hidden), grid_size (h, w) -> (B, NUM_CLASSES, h*P, w*P)."""
+        (h, w), p = grid_size, self.patch_size
+        logits = self.mlp(tokens).reshape(len(tokens), h, w, NUM_CLASSES, p, p)  # a token's outputs: class x P x P
+        return logits.permute(0, 3, 1, 4, 2, 5).reshape(len(tokens), NUM_CLASSES, h * p, w * p)
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -211,13 +256,17 @@ class MultiLayerHead(nn.Module):
         return self.classifier(x)
 
 
-def resolve_head_config(head: dict | None, num_layers: int) -> dict:
+def resolve_head_config(head: dict | None, num_layers: int, patch_size: int = PATCH_SIZE) -> dict:
     """The head settings with defaults filled in and checked against a num_layers-layer backbone."""
-    head = dict(head or MLP_HEAD)
-    if head["type"] == "mlp":
-        return {"type": "mlp", "hidden": head.get("hidden", MLP_HEAD["hidden"])}
-    if head["type"] != "multilayer":
+    head = dict(head or {"type": "mlp"})
+    if head["type"] not in HEAD_TYPES:
         raise HeadConfigError(f"unknown head type {head['type']!r}: choose one of {', '.join(HEAD_TYPES)}")
+    if head["type"] in ("mlp", "patch-mlp"):
+        default = NUM_CLASSES * patch_size**2 if head["type"] == "mlp" else PATCH_MLP_HIDDEN
+        hidden = head.get("hidden") or default
+        if hidden < 1:
+            raise HeadConfigError(f"head hidden width {hidden} must be at least 1")
+        return {"type": head["type"], "hidden": hidden}
     layers = list(head.get("feature_layers") or default_feature_layers(num_layers))
     bad = [i for i in layers if not 1 <= i <= num_layers]
     if bad or len(set(layers)) != len(layers):
@@ -239,47 +288,69 @@ def upsample_to_source(logits, padded_size, content_size, output_size) -> torch.
 
 
 class SegmentationModel(nn.Module):
-    """LoRA-adapted frozen DINOv3 ViT and a head: an MLP on every last-layer patch token (head type "mlp"), or a
+    """A DINOv3 ViT trained as backbone_training says (frozen; LoRA adapters, the rest frozen; or every weight) and a
+    head: the seed's pixel MLP or a per-patch MLP on the last layer's patch tokens ("mlp", "patch-mlp"), or a
     progressive upsampler on the patch tokens of several layers, each through the backbone's final norm ("multilayer")."""
 
-    def __init__(self, backbone: DINOv3ViTModel, mean, std, lora_rank=16, lora_alpha=32, lora_dropout=0.1,
-                 lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False):
+    def __init__(self, backbone: DINOv3ViTModel, mean, std, backbone_training="lora", lora_rank=16, lora_alpha=32,
+                 lora_dropout=0.1, lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False):
         super().__init__()
+        if backbone_training not in BACKBONE_TRAINING:
+            raise HeadConfigError(f"unknown backbone training {backbone_training!r}: choose one of {', '.join(BACKBONE_TRAINING)}")
         config = backbone.config
-        self.head_config = resolve_head_config(head, config.num_hidden_layers)
+        self.backbone_training = backbone_training
+        self.head_config = resolve_head_config(head, config.num_hidden_layers, config.patch_size)
         if self.head_config["type"] == "multilayer":
-            # Layers after the deepest feature layer would cost compute and leave LoRA weights without gradients
+            # Layers after the deepest feature layer would cost compute and leave trainable weights without gradients
             # (which DDP rejects): drop them.
             backbone.model.layer = backbone.model.layer[:max(self.head_config["feature_layers"])]
             self.head = MultiLayerHead(config.hidden_size, len(self.head_config["feature_layers"]), self.head_config["width"])
+        elif self.head_config["type"] == "mlp":
+            self.head = PixelMLPHead(config.hidden_size, self.head_config["hidden"], config.patch_size)
         else:
-            hidden = self.head_config["hidden"]
-            self.head = nn.Sequential(
-                nn.Linear(config.hidden_size, hidden), nn.GELU(),
-                nn.Linear(hidden, hidden), nn.GELU(),
-                nn.Linear(hidden, NUM_CLASSES),
-            )
-        if gradient_checkpointing:
+            self.head = three_layer_mlp(config.hidden_size, self.head_config["hidden"], NUM_CLASSES, nn.GELU)
+        if gradient_checkpointing and backbone_training != "frozen":  # a frozen backbone keeps no activations
             # Non-reentrant: the reentrant form silently gives LoRA no gradients, as the layer inputs (the
             # frozen embeddings' output) do not require grad.
             backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        lora_config = LoraConfig(
-            r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(lora_target_modules),
-        )
-        self.backbone = get_peft_model(backbone, lora_config)  # freezes everything but the LoRA weights
+        backbone.requires_grad_(backbone_training == "full")
+        backbone.embeddings.mask_token.requires_grad_(False)  # only used for masked pretraining: never a gradient
+        if backbone_training == "lora":
+            targets = ALL_LINEAR if list(lora_target_modules) == [ALL_LINEAR] else list(lora_target_modules)
+            lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+            backbone = get_peft_model(backbone, lora_config)  # freezes everything but the LoRA weights
+        self.backbone = backbone
+        self.backbone_dtype = next(backbone.parameters()).dtype
         self.num_prefix_tokens = 1 + config.num_register_tokens  # CLS + registers precede the patch tokens
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
+    def vit(self) -> DINOv3ViTModel:
+        """The DINOv3 model itself, under its LoRA wrapper if it has one."""
+        return self.backbone.get_base_model() if self.backbone_training == "lora" else self.backbone
+
+    def backbone_context(self, device_type: str) -> contextlib.ExitStack:
+        """No graph through a frozen backbone; bfloat16 autocast around a bfloat16 backbone, whatever the caller's."""
+        stack = contextlib.ExitStack()
+        if self.backbone_training == "frozen":
+            stack.enter_context(torch.no_grad())
+        if self.backbone_dtype == torch.bfloat16:
+            stack.enter_context(torch.autocast(device_type, dtype=torch.bfloat16))
+        return stack
+
     def head_logits(self, pixels, grid_size) -> torch.Tensor:
-        """(B, NUM_CLASSES, h, w) logits at the patch grid (mlp) or at 4x the patch grid (multilayer)."""
-        if self.head_config["type"] == "mlp":
-            tokens = self.backbone(pixel_values=pixels).last_hidden_state[:, self.num_prefix_tokens:]
-            return self.head(tokens).transpose(1, 2).reshape(len(pixels), NUM_CLASSES, *grid_size)
-        hidden_states = self.backbone(pixel_values=pixels, output_hidden_states=True).hidden_states  # [0]: embeddings
-        norm = self.backbone.get_base_model().norm
-        layer_tokens = [norm(hidden_states[i])[:, self.num_prefix_tokens:] for i in self.head_config["feature_layers"]]
-        return self.head(layer_tokens, grid_size)
+        """(B, NUM_CLASSES, h', w') logits: every pixel (mlp), the patch grid (patch-mlp), 4x the grid (multilayer)."""
+        head_type, skip = self.head_config["type"], self.num_prefix_tokens
+        with self.backbone_context(pixels.device.type):
+            pixels = pixels.to(self.backbone_dtype)
+            if head_type == "multilayer":
+                hidden_states = self.backbone(pixel_values=pixels, output_hidden_states=True).hidden_states  # [0]: embeddings
+                features = [self.vit().norm(hidden_states[i])[:, skip:].float() for i in self.head_config["feature_layers"]]
+            else:
+                features = self.backbone(pixel_values=pixels).last_hidden_state[:, skip:].float()
+        if head_type == "patch-mlp":
+            return self.head(features).transpose(1, 2).reshape(len(pixels), NUM_CLASSES, *grid_size)
+        return self.head(features, grid_size)
 
     def forward(self, images, output_size, content_size=None):
         """images (B,3,Hp,Wp) 0..255, padded bottom/right around a content_size=(h,w) region scaled from the
@@ -297,15 +368,22 @@ class SegmentationModel(nn.Module):
         return upsample_to_source(logits, (padded_h, padded_w), content_size, output_size)
 
 
-def build_model(backbone_name_or_path, token=None, lora_rank=16, lora_alpha=32, lora_dropout=0.1,
-                lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False,
-                attn_implementation="sdpa") -> SegmentationModel:
-    """head: config.json's "head" settings ({"type": "mlp", "hidden": 256} if None)."""
-    backbone = load_backbone(backbone_name_or_path, token, attn_implementation)
-    mean, std = backbone_normalization(backbone_name_or_path, token)
+def build_model(backbone_name_or_path, token=None, backbone_training="lora", lora_rank=16, lora_alpha=32,
+                lora_dropout=0.1, lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False,
+                attn_implementation="sdpa", backbone_dtype="float32") -> SegmentationModel:
+    """head: config.json's "head" settings (the seed's pixel MLP if None); backbone_dtype: float32 or bfloat16
+    (frozen weights only: full training needs float32 weights)."""
+    if backbone_dtype not in BACKBONE_DTYPES:
+        raise HeadConfigError(f"unknown backbone dtype {backbone_dtype!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
+    if backbone_training == "full" and backbone_dtype != "float32":
+        raise HeadConfigError("full fine-tuning trains every backbone weight, which needs --backbone-dtype float32")
+    name_or_path = resolve_backbone(backbone_name_or_path)
+    backbone = load_backbone(name_or_path, token, attn_implementation, BACKBONE_DTYPES[backbone_dtype])
+    mean, std = backbone_normalization(name_or_path, token)
     return SegmentationModel(
-        backbone, mean, std, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules, head=head, gradient_checkpointing=gradient_checkpointing,
+        backbone, mean, std, backbone_training=backbone_training, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, head=head,
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -324,7 +402,8 @@ def parameter_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA and head weights only; the frozen backbone comes from its own checkpoint."""
+    """The trained weights: the head, plus LoRA (lora) or the whole backbone (full); a frozen backbone comes from
+    its own checkpoint."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -336,14 +415,14 @@ def save_trainable_weights(model: nn.Module, path) -> None:
 
 
 def load_trainable_weights(model: nn.Module, path) -> None:
-    """Load LoRA + head weights; any missing or unexpected key is an error, never silently untrained LoRA."""
+    """Load the trained weights; any missing or unexpected key is an error, never a silently untrained part."""
     state = load_file(str(path))
     expected = set(trainable_state_dict(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match this model: {len(missing)} trainable weights missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it saved with other LoRA/head settings?"
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it saved with other backbone training, LoRA or head settings?"
         )
     model.load_state_dict(state, strict=False)
 
@@ -370,13 +449,18 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
     try:
         with open(config_path) as f:
             config = json.load(f)
-        lora, head, normalization = config["lora"], config["head"], config["normalization"]
+        lora, head, normalization = config["lora"], dict(config["head"]), config["normalization"]
         backbone = backbone or config["backbone"]
+        if config.get("config_version", 1) < 2 and head["type"] == "mlp":
+            head["type"] = "patch-mlp"  # "mlp" named the per-patch head before the seed's pixel MLP became the default
+        model_settings = dict(backbone_training=config.get("backbone_training", "lora"),
+                              backbone_dtype=config.get("backbone_dtype", "float32"), lora_rank=lora["rank"],
+                              lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                              lora_target_modules=lora["target_modules"], head=head)
     except (ValueError, KeyError, TypeError) as error:
         raise ModelDirectoryError(f"{config_path} is not a run_training.py config ({error!r})") from None
     try:
-        model = build_model(backbone, token, lora_rank=lora["rank"], lora_alpha=lora["alpha"],
-                            lora_dropout=lora["dropout"], lora_target_modules=lora["target_modules"], head=head)
+        model = build_model(backbone, token, **model_settings)
     except HeadConfigError as error:
         raise ModelDirectoryError(f"{config_path}: {error}") from None
     try:

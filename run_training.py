@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -16,20 +17,25 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import dataset as D
 from losses import LOSSES, soft_dice_loss, weighted_cross_entropy
-from metrics import frame_scores, summarize
-from model import (DEFAULT_BACKBONE, HEAD_TYPES, LORA_TARGET_MODULES, BackboneError, HeadConfigError, build_model,
-                   count_parameters, parameter_bytes, resolve_hf_token, save_trainable_weights, trainable_state_dict)
+from metrics import frame_record, summarize
+from model import (BACKBONE_DTYPES, BACKBONE_TRAINING, BACKBONES, CONFIG_VERSION, DEFAULT_BACKBONE, HEAD_TYPES,
+                   LORA_TARGET_MODULES, BackboneError, HeadConfigError, build_model, count_parameters, parameter_bytes,
+                   resolve_backbone, resolve_hf_token, save_trainable_weights, trainable_state_dict)
 
 # Arguments a resumed run may change; any other change would silently break the schedule, the data
 # order or the model (e.g. a new batch size shifts where the epoch resumes).
-CHANGEABLE_ON_RESUME = {"resume", "hf_token_file", "num_workers", "val_every", "checkpoint_every", "log_every",
+CHANGEABLE_ON_RESUME = {"resume", "config", "hf_token_file", "num_workers", "val_every", "checkpoint_every", "log_every",
                         "cache_frames", "skip_bad_samples", "data_directory", "output_directory", "backbone"}
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "constant")
+SELECTION_METRICS = ("score", "mIoU", "seed_mIoU")
 NO_DATA_HINT = ("see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh")
 
 
@@ -41,8 +47,18 @@ def layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers, e.g. 3,6,9,12") from None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad argument is one line (not the whole usage block): the error and where to look."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML or JSON file of settings (keys as the flags, e.g. lora_rank: 8); flags given on the "
+                             "command line override it. recipes/seed.yaml is the design we start from's experiment")
     data = parser.add_argument_group("data")
     data.add_argument("--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)")
     data.add_argument("--output-directory", default="trained-models", help="where weights, logs and curves go (default: %(default)s)")
@@ -51,21 +67,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--low-res", action="store_true", help="alias for --resolution quarter (the design's flag)")
     data.add_argument("--val-fraction", type=float, default=0.2, help="share of operations held out for validation (default: %(default)s)")
     data.add_argument("--val-videos", nargs="+", metavar="VIDEO", help="validation videos instead of a random split, e.g. video_03 video_11_1")
+    data.add_argument("--augmentation", choices=D.AUGMENTATIONS, default="default",
+                      help="default: flip, affine (p 0.7), colour jitter, gamma, blur/noise; seed: the design we start "
+                           "from's flip, affine (always; scale 0.7-1.3, shift 20%%, shear 10) and colour jitter (default: %(default)s)")
     data.add_argument("--cache-frames", action="store_true", help="keep a JPEG copy of every frame at training resolution (faster loading)")
     data.add_argument("--skip-bad-samples", action="store_true", help="warn about and skip bad frames/masks instead of stopping")
     data.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU (default: %(default)s)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default=DEFAULT_BACKBONE, help="hub id or local directory saved with save_pretrained (default: %(default)s)")
+    model.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                       help=f"short name ({', '.join(BACKBONES)}), hub id or local directory saved with save_pretrained "
+                            "(default: %(default)s)")
     model.add_argument("--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)")
+    model.add_argument("--backbone-training", choices=BACKBONE_TRAINING, default="lora",
+                       help="frozen: only the head trains; lora: LoRA adapters and the head; full: every backbone "
+                            "weight too, at --backbone-lr (default: %(default)s)")
+    model.add_argument("--backbone-dtype", choices=list(BACKBONE_DTYPES), default="float32",
+                       help="dtype the frozen backbone weights are held in; bfloat16 halves their memory (a ViT-7B "
+                            "needs it on most GPUs); not with --backbone-training full (default: %(default)s)")
     model.add_argument("--lora-rank", type=int, default=16, help="(default: %(default)s)")
     model.add_argument("--lora-alpha", type=float, default=32, help="(default: %(default)s)")
     model.add_argument("--lora-dropout", type=float, default=0.1, help="(default: %(default)s)")
-    model.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGET_MODULES), help="attention modules given LoRA (default: %(default)s)")
+    model.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGET_MODULES),
+                       help="backbone modules given LoRA, or all-linear (attention and MLP projections) (default: %(default)s)")
     model.add_argument("--head", choices=HEAD_TYPES, default="mlp",
-                       help="mlp: 3-layer MLP on the last layer's patch tokens; multilayer: several layers fused and "
-                            "upsampled to 1/4 of the input by 3x3 convs (default: %(default)s)")
-    model.add_argument("--head-hidden", type=int, default=256, help="hidden width of the 3-layer MLP head (default: %(default)s)")
+                       help="mlp: the design we start from, a 3-layer MLP turning each last-layer patch token into the "
+                            "logits of its 16x16 pixels; patch-mlp: a 3-layer MLP giving one prediction per patch, "
+                            "upsampled bilinearly; multilayer: several layers fused and upsampled to 1/4 of the input "
+                            "by 3x3 convs (default: %(default)s)")
+    model.add_argument("--head-hidden", type=int,
+                       help="hidden width of the mlp / patch-mlp head (default: 10 x 16 x 16 = 2560 for mlp, as the "
+                            "design we start from; 256 for patch-mlp)")
     model.add_argument("--feature-layers", type=layer_list, metavar="3,6,9,12",
                        help="1-based ViT layers the multilayer head reads (default: 4 evenly spaced, ending at the last)")
     model.add_argument("--head-width", type=int, default=256,
@@ -74,15 +106,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--loss", choices=LOSSES, default="ce",
                               help="ce: class-weighted cross entropy; ce+dice: plus a soft Dice term over classes 1..9 (default: %(default)s)")
+    optimisation.add_argument("--class-weights", choices=list(D.CLASS_WEIGHTS), default="enet",
+                              help="cross-entropy class weights from each class's pixel frequency f over the training "
+                                   "split: enet 1/ln(1.02+f); one-minus-frequency 1-f (the design we start from); "
+                                   "none 1 (default: %(default)s)")
     optimisation.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term of --loss ce+dice (default: %(default)s)")
     optimisation.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
     optimisation.add_argument("--max-steps", type=int, help="optimizer steps to train for; overrides --epochs")
     optimisation.add_argument("--batch-size", type=int, default=8, help="images per GPU per step (default: %(default)s)")
     optimisation.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+    optimisation.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                              help="adamw: decoupled weight decay; adam: weight decay added to the gradient (L2), "
+                                   "as the design we start from with --weight-decay 0 (default: %(default)s)")
     optimisation.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (default: %(default)s)")
     optimisation.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default: %(default)s)")
-    optimisation.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up, then cosine decay to 0 (default: %(default)s)")
-    optimisation.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    optimisation.add_argument("--backbone-lr", type=float,
+                              help="--backbone-training full: learning rate of the backbone's last layer (default: --lr)")
+    optimisation.add_argument("--layer-decay", type=float, default=1.0,
+                              help="--backbone-training full: each earlier layer's learning rate is this times the "
+                                   "next one's (embeddings lowest); 1 is off (default: %(default)s)")
+    optimisation.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                              help="after --warmup-steps of linear warm-up: cosine decay to 0, or constant (default: %(default)s)")
+    optimisation.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps; 0 for none (default: %(default)s)")
+    optimisation.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
+    optimisation.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping; 0 turns it off (default: %(default)s)")
     optimisation.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                               help="autocast precision (default: bf16 on a GPU that has it, else fp32)")
     optimisation.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: far less memory, ~30%% slower")
@@ -90,28 +137,73 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     schedule = parser.add_argument_group("validation, logging, checkpoints")
     schedule.add_argument("--val-every", type=int, default=0, help="validate every N steps; 0: at the end of each epoch (default: %(default)s)")
+    schedule.add_argument("--selection-metric", choices=SELECTION_METRICS, default="score",
+                          help="validation number that picks best/ and drives early stopping: the official score, its "
+                               "mIoU, or the design we start from's own mIoU (default: %(default)s)")
+    schedule.add_argument("--early-stop-patience", type=int, default=0,
+                          help="stop after N validations without a better --selection-metric; 0 never stops early (default: %(default)s)")
     schedule.add_argument("--checkpoint-every", type=int, default=200, help="write the resumable checkpoint every N steps (default: %(default)s)")
     schedule.add_argument("--log-every", type=int, default=10, help="log training loss every N steps (default: %(default)s)")
     schedule.add_argument("--resume", action="store_true", help="continue the run in --output-directory from its checkpoint")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def config_file_arguments(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The settings of a YAML/JSON file as command-line tokens, so argparse checks them as it checks flags."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = yaml.safe_load(f)  # JSON is YAML
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        parser.error(f"cannot read --config {path}: {str(error).splitlines()[0]}")
+    if not isinstance(settings, dict):
+        parser.error(f"--config {path} must hold settings as 'name: value' lines")
+    actions = {action.dest: action for action in parser._actions}
+    tokens = []
+    for key, value in settings.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None or action.dest in ("help", "config"):
+            parser.error(f"--config {path}: unknown setting {key!r} (settings are the flags without '--', e.g. lora_rank)")
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            tokens += [flag] if value else []
+        elif value is not None:
+            values = value if isinstance(value, list) else [value]
+            tokens += [flag, *map(str, values)] if action.nargs == "+" else [flag, ",".join(map(str, values))]
+    return tokens
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_file = parser.parse_known_args(argv)[0].config
+    args = parser.parse_args((config_file_arguments(parser, config_file) if config_file else []) + argv)
     if args.low_res:
         args.resolution = "quarter"
     for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "lora_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup_steps", "early_stop_patience", "weight_decay", "grad_clip", "val_every", "num_workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be at least 1")
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
+    if not 0 < args.layer_decay <= 1:
+        parser.error("--layer-decay must be in (0, 1]")
+    if args.head_hidden is not None and args.head_hidden < 1:
+        parser.error("--head-hidden must be at least 1")
     if args.feature_layers and args.head != "multilayer":
         parser.error("--feature-layers applies to --head multilayer")
+    if args.backbone_training == "full" and args.backbone_dtype != "float32":
+        parser.error("--backbone-training full trains every backbone weight, which needs --backbone-dtype float32")
     return args
 
 
 def head_settings(args) -> dict:
     """config.json's "head" as the arguments give it (model.py fills in the default feature layers)."""
-    if args.head == "mlp":
-        return {"type": "mlp", "hidden": args.head_hidden}
+    if args.head in ("mlp", "patch-mlp"):
+        return {"type": args.head, "hidden": args.head_hidden}
     return {"type": "multilayer", "feature_layers": args.feature_layers, "width": args.head_width}
 
 
@@ -176,11 +268,11 @@ def prepare_data(args, rank: int, world: int, device):
     is_train = np.array([s.video in set(train_videos) for s in samples])
     totals = pixel_counts[is_train].sum(0)
     frequencies = totals / totals.sum()
-    weights = D.class_weights_from_frequencies(frequencies)
+    weights = D.class_weights_from_frequencies(frequencies, args.class_weights)
     records = {
         "split.json": {"train": train_videos, "val": val_videos},
         "class_weights.json": {
-            "formula": "w = 1 / ln(1.02 + f), f = pixel frequency of the class over the training split",
+            "formula": D.CLASS_WEIGHTS[args.class_weights][0] + "; f = pixel frequency of the class over the training split",
             "classes": {name: {"frequency": float(f), "weight": float(w)}
                         for name, f, w in zip(D.CLASS_NAMES, frequencies, weights)}},
     }
@@ -197,6 +289,51 @@ def logged_step(line: str) -> float:
         return math.inf
 
 
+# ----------------------------------------------------------------------------- optimisation
+
+def backbone_layer(name: str, num_layers: int) -> int:
+    """Depth of a backbone parameter for layer-wise decay: 0 embeddings, i + 1 transformer layer i, then the final norm."""
+    match = re.search(r"\.layer\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if ".embeddings." in name else num_layers + 1
+
+
+def parameter_groups(model, args) -> list[dict]:
+    """The head at --head-lr; LoRA weights at --lr; a fully trained backbone at --backbone-lr, decayed per layer."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if n.startswith("head.")], "lr": args.head_lr}]
+    backbone = [(n, p) for n, p in trainable if not n.startswith("head.")]
+    if args.backbone_training == "lora":
+        return groups + [{"params": [p for _, p in backbone], "lr": args.lr}]
+    num_layers = len(model.vit().model.layer)
+    by_layer = {}
+    for name, parameter in backbone:
+        by_layer.setdefault(backbone_layer(name, num_layers), []).append(parameter)
+    top = args.backbone_lr or args.lr
+    return groups + [{"params": params, "lr": top * args.layer_decay ** max(0, num_layers - layer)}
+                     for layer, params in sorted(by_layer.items())]
+
+
+def make_optimizer(model, args) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(parameter_groups(model, args), weight_decay=args.weight_decay)
+
+
+def make_scheduler(optimizer, args, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over --warmup-steps (at most half the run), then cosine decay to 0 or constant."""
+    warmup = min(args.warmup_steps, total_steps // 2)
+
+    def learning_rate_factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if args.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -209,15 +346,15 @@ def validate(model, loader, val_samples, source_size, content_size, device, auto
             logits = model(batch["image"].to(device, non_blocking=True), source_size, content_size)
         predictions = logits.argmax(1).to(torch.uint8).cpu().numpy()
         for index, prediction, truth in zip(batch["index"].tolist(), predictions, batch["mask"].numpy()):
-            scored.append((val_samples[index].video, *frame_scores(prediction, truth)))
+            scored.append((val_samples[index].video, frame_record(prediction, truth)))
     model.train()
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, scored)
         scored = [item for part in gathered for item in part]
     per_video = {}
-    for video, iou, nsd in scored:
-        per_video.setdefault(video, []).append((iou, nsd))
+    for video, record in scored:
+        per_video.setdefault(video, []).append(record)
     return summarize(per_video)
 
 
@@ -274,7 +411,8 @@ def plot_training_curves(metrics_file: Path, output: Path) -> None:
 
 def print_scores(result: dict, step: int) -> None:
     thin = {"suturing needle", "thread"}
-    print(f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}")
+    print(f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}"
+          f"   (seed mIoU {result['seed_mIoU']:.4f}: the seed pipeline's own metric, not the official score)")
     print("  " + "  ".join(f"{name}{'*' if name in thin else ''} {v['IoU']:.2f}/{v['NSD']:.2f}"
                            for name, v in result["classes"].items()) + "   (IoU/NSD, * thin classes)")
 
@@ -305,19 +443,21 @@ def train(args) -> None:
     # Everything that can fail on bad input (data, backbone, token) runs before anything is written.
     train_samples, val_samples, source_size, class_weights, records = prepare_data(args, rank, world, device)
     scale = D.RESOLUTION_SCALES[args.resolution]
-    train_data = D.SegmentationDataset(train_samples, source_size, scale, augment=True, cache_frames=args.cache_frames, seed=args.seed)
+    train_data = D.SegmentationDataset(train_samples, source_size, scale, augment=True, cache_frames=args.cache_frames,
+                                       seed=args.seed, augmentation=args.augmentation)
     val_data = D.SegmentationDataset(val_samples, source_size, scale, cache_frames=args.cache_frames)
     content_size = train_data.content_size
 
     token = resolve_hf_token(args.hf_token_file)
-    model = build_model(args.backbone, token, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                        lora_dropout=args.lora_dropout, lora_target_modules=args.lora_targets,
-                        head=head_settings(args), gradient_checkpointing=args.gradient_checkpointing).to(device)
+    model = build_model(args.backbone, token, backbone_training=args.backbone_training, backbone_dtype=args.backbone_dtype,
+                        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        lora_target_modules=args.lora_targets, head=head_settings(args),
+                        gradient_checkpointing=args.gradient_checkpointing).to(device)
     del token
     trainable, total = count_parameters(model)
     head_parameters = sum(p.numel() for p in model.head.parameters())
     trainable_bytes, total_bytes = parameter_bytes(model)
-    log(f"model: {args.backbone}, {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
+    log(f"model: {args.backbone} ({args.backbone_training}), {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
         f"parameters take {total_bytes / 2**20:.1f} MB ({trainable_bytes / 2**20:.1f} MB trainable)")
     log(f"head: {model.head_config}, {head_parameters:,} parameters; loss: {args.loss}"
         + (f" (dice weight {args.dice_weight})" if args.loss == "ce+dice" else ""))
@@ -332,24 +472,16 @@ def train(args) -> None:
         for name, record in records.items():
             D.write_json_atomically(output / name, record)
 
-    head_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": args.lr}, {"params": head_params, "lr": args.head_lr}],
-                                  weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = len(train_data) // world // (args.batch_size * args.grad_accum_steps)
     if steps_per_epoch == 0:
         raise D.DataError(f"{len(train_data)} training samples make no full step of {world} x {args.batch_size} x "
                           f"{args.grad_accum_steps} images: lower --batch-size or --grad-accum-steps")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup = min(args.warmup_steps, total_steps // 2)
-
-    def learning_rate_factor(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -1.0, "best_step": None, "finished": False}
+    scheduler = make_scheduler(optimizer, args, total_steps)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -1.0, "best_step": None, "finished": False,
+             "validations_without_improvement": 0, "stopped_early": False}
     if args.resume:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["model"], strict=False)
@@ -360,7 +492,7 @@ def train(args) -> None:
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        state = {k: checkpoint[k] for k in state}
+        state = {k: checkpoint.get(k, v) for k, v in state.items()}
         if state["finished"]:
             log(f"{output} holds a finished run (step {state['step']}); nothing to do")
             return
@@ -371,8 +503,10 @@ def train(args) -> None:
     elif rank == 0:
         metrics_file.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
         D.write_json_atomically(config_path, {
+            "config_version": CONFIG_VERSION,
             "arguments": {k: v for k, v in vars(args).items() if k != "hf_token_file"},
-            "backbone": args.backbone, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
+            "backbone": resolve_backbone(args.backbone), "backbone_training": args.backbone_training,
+            "backbone_dtype": args.backbone_dtype, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
             "resolution": {"name": args.resolution, "scale": scale, "source_size": list(source_size),
                            "content_size": list(content_size), "padded_size": list(train_data.padded_size)},
             "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
@@ -400,13 +534,24 @@ def train(args) -> None:
                 f.write(json.dumps(record) + "\n")
 
     def evaluate_and_save(step):
+        """Validate; keep the best weights; count validations without improvement (the same on every rank)."""
         result = validate(model, val_loader, val_samples, source_size, content_size, device, autocast, rank, world)
+        improved = result[args.selection_metric] > state["best_score"]
+        if improved:
+            state["best_score"], state["best_step"], state["validations_without_improvement"] = result[args.selection_metric], step, 0
+        else:
+            state["validations_without_improvement"] += 1
         if rank == 0:
             log_record({"step": step, "val": result})
             print_scores(result, step)
-            if result["score"] > state["best_score"]:
-                state["best_score"], state["best_step"] = result["score"], step
+            if improved:
                 save_weights(model, output / "best")
+        if args.early_stop_patience and state["validations_without_improvement"] >= args.early_stop_patience:
+            state["stopped_early"] = True
+            reason = (f"early stop at step {step}: validation {args.selection_metric} has not improved for "
+                      f"{args.early_stop_patience} validations (best {state['best_score']:.4f} at step {state['best_step']})")
+            log_record({"step": step, "early_stop": reason})
+            log(reason)
 
     def checkpoint(step):
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -422,7 +567,7 @@ def train(args) -> None:
     progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=rank != 0)
     model.train()
     started, images_seen = time.perf_counter(), 0
-    while state["step"] < total_steps:
+    while not state["finished"]:
         sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
         sampler.set_epoch(state["epoch"])
         train_data.epoch = state["epoch"]
@@ -451,8 +596,9 @@ def train(args) -> None:
                     if checkpoint_path.exists() else "no checkpoint was written yet"
                 raise FloatingPointError(f"the loss became {loss_sum} at step {state['step'] + 1}; {saved}. "
                                          "Lower --lr, or use --precision fp32 / bf16")
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(lora_params + head_params, 1.0)
+            if args.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable_params, args.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -472,14 +618,14 @@ def train(args) -> None:
                 evaluate_and_save(step)
             if end_of_epoch:
                 state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-            state["finished"] = step == total_steps
+            state["finished"] = step == total_steps or state["stopped_early"]
             if step % args.checkpoint_every == 0 or state["finished"]:
                 checkpoint(step)
             started += time.perf_counter() - paused_at  # images/s counts training time, not validation or saving
             if state["finished"] or end_of_epoch:
                 break
     progress.close()
-    log(f"done: best validation score {state['best_score']:.4f} at step {state['best_step']}; outputs in {output}/")
+    log(f"done: best validation {args.selection_metric} {state['best_score']:.4f} at step {state['best_step']}; outputs in {output}/")
 
 
 def main(argv=None) -> int:

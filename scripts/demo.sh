@@ -16,7 +16,7 @@ bash scripts/extract_frames.sh "$demo/sarrarp"
 rm -rf "$demo/trained-models"  # each demo run trains afresh
 $PYTHON run_training.py --data-directory "$demo/sarrarp" --output-directory "$demo/trained-models" \
   --backbone "$demo/tiny-dinov3" --resolution full --max-steps "$steps" --val-every 100 --batch-size 8 \
-  --lr 1e-3 --head-lr 3e-3 --warmup-steps 10 --num-workers 2
+  --lr 1e-3 --head-lr 3e-4 --warmup-steps 10 --num-workers 2
 $PYTHON run_inference.py --data-directory "$demo/sarrarp" --model-directory "$demo/trained-models" \
   --min-component-size 50 --num-workers 2
 echo "training curves: $demo/trained-models/training_curves.png"

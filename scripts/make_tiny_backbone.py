@@ -10,8 +10,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def save_tiny_backbone(output_dir, hidden_size=64, layers=4, heads=4, seed=0):
-    """Write config.json, model.safetensors and preprocessor_config.json to output_dir."""
+def save_tiny_backbone(output_dir, hidden_size=64, layers=4, heads=4, seed=0, **config):
+    """Write config.json, model.safetensors and preprocessor_config.json to output_dir; config: more
+    DINOv3ViTConfig settings (e.g. use_gated_mlp=True for the SwiGLU MLP of ViT-S+/H+/7B)."""
     config = DINOv3ViTConfig(
         patch_size=16,
         hidden_size=hidden_size,
@@ -19,6 +20,7 @@ def save_tiny_backbone(output_dir, hidden_size=64, layers=4, heads=4, seed=0):
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_register_tokens=4,  # as in the released checkpoints
+        **config,
     )
     torch.manual_seed(seed)
     DINOv3ViTModel(config).save_pretrained(output_dir)
@@ -33,8 +35,9 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gated-mlp", action="store_true", help="SwiGLU MLP, as DINOv3 ViT-S+/H+/7B")
     args = parser.parse_args()
-    save_tiny_backbone(args.output, args.hidden_size, args.layers, args.heads, args.seed)
+    save_tiny_backbone(args.output, args.hidden_size, args.layers, args.heads, args.seed, use_gated_mlp=args.gated_mlp)
     print(f"saved tiny DINOv3 backbone to {args.output}")
 
 

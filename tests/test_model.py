@@ -85,7 +85,7 @@ class PatchIndexHead(torch.nn.Module):
 
 @pytest.mark.parametrize("marked_grid_h, marked_grid_w", [(2, 6), (4, 3)])  # padding rows, padding columns
 def test_padding_is_cropped_at_the_content_scale(backbone_dir, marked_grid_h, marked_grid_w):
-    model = make_model(backbone_dir).eval()
+    model = make_model(backbone_dir, head={"type": "patch-mlp"}).eval()
     # 64x96 padded canvas (4x6 patches) whose top-left 32x48 (2x3 patches) is a 60x90 source image.
     # One axis at a time: at the corner the bilinear blend of three padding patches would outvote one content patch.
     model.head = PatchIndexHead(grid_w=6, content_grid_h=marked_grid_h, content_grid_w=marked_grid_w)

@@ -37,7 +37,7 @@ def records(output):
 def test_a_short_run_writes_every_output_and_the_loss_goes_down(demo_release, backbone, tmp_path):
     output = tmp_path / "run"
     result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "24", "--val-every", "12",
-                                       "--lr", "1e-3", "--head-lr", "3e-3"))
+                                       "--lr", "1e-3", "--head-lr", "3e-4"))
     assert "trainable of" in result.stdout and "done: best validation score" in result.stdout
     for name in ("config.json", "split.json", "class_weights.json", "metrics.jsonl", "training_curves.png",
                  "checkpoint.pt", "best/weights.safetensors", "last/weights.safetensors"):
@@ -57,8 +57,10 @@ def test_a_short_run_writes_every_output_and_the_loss_goes_down(demo_release, ba
     assert validations[-1]["val"]["frames"] == 3 * len(split["val"])
 
 
-def test_a_killed_run_resumes_where_it_stopped_and_ends_with_the_same_weights(demo_release, backbone, tmp_path):
-    arguments = ["--max-steps", "10", "--checkpoint-every", "1", "--val-every", "5"]
+def kill_and_resume(demo_release, backbone, tmp_path, *extra):
+    """Train 10 steps straight, and again killed mid-run then resumed: the same weights and log, and the same command
+    again finds the run finished. Returns (arguments, the resumed run's folder)."""
+    arguments = ["--max-steps", "10", "--checkpoint-every", "1", "--val-every", "5", *extra]
     run_script(*training_args(demo_release, backbone, tmp_path / "straight", *arguments))
 
     interrupted = tmp_path / "interrupted"
@@ -83,6 +85,11 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_with_the_same_weights(de
 
     finished = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume"))
     assert "holds a finished run (step 10); nothing to do" in finished.stdout
+    return arguments, interrupted
+
+
+def test_a_killed_run_resumes_where_it_stopped_and_ends_with_the_same_weights(demo_release, backbone, tmp_path):
+    arguments, interrupted = kill_and_resume(demo_release, backbone, tmp_path)
     changed = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume", "--batch-size", "4",
                                         "--lr", "1e-6"), check=False)
     assert changed.returncode == 1
@@ -164,7 +171,7 @@ def test_the_tiny_model_learns_the_demo_data_well_above_predicting_background(le
     output = tmp_path / "run"
     run_script(TRAIN, "--data-directory", learnable_release, "--backbone", backbone, "--output-directory", output,
                "--resolution", "full", "--max-steps", "60", "--val-every", "60", "--batch-size", "8",
-               "--num-workers", "0", "--warmup-steps", "5", "--lr", "1e-3", "--head-lr", "3e-3")
+               "--num-workers", "0", "--warmup-steps", "5", "--lr", "1e-3", "--head-lr", "3e-4")
     validation = [r["val"] for r in records(output) if "val" in r][-1]
     background = background_scores(learnable_release, json.loads((output / "split.json").read_text())["val"])
     assert validation["mIoU"] > background["mIoU"] + 0.05
