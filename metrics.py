@@ -1,4 +1,7 @@
-"""The official SAR-RARP50 segmentation score: per-class IoU and NSD, averaged frame -> video -> dataset."""
+"""The official SAR-RARP50 segmentation score: per-class IoU and NSD, averaged frame -> video -> dataset.
+
+Beside it, never instead of it: the seed pipeline's own mIoU (seed_miou), to set a run beside its published figure.
+"""
 
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -56,17 +59,19 @@ def _within(edge_from, edge_to, tolerance):
     return np.sqrt(np.rint(distance.astype(np.float64) ** 2)) <= tolerance
 
 
-def frame_scores(prediction: np.ndarray, ground_truth: np.ndarray,
-                 tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
-    """IoU and NSD of classes 1..9, each class on a crop around it; equal to reference_frame_scores."""
+def frame_record(prediction: np.ndarray, ground_truth: np.ndarray,
+                 tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """frame_scores' (iou, nsd) and present: which classes 1..9 are in the prediction or the ground truth."""
     if prediction.shape != ground_truth.shape:
         raise ValueError(f"prediction {prediction.shape} and ground truth {ground_truth.shape} differ in shape")
     iou, nsd = np.ones(NUM_CLASSES - 1), np.ones(NUM_CLASSES - 1)
+    present = np.ones(NUM_CLASSES - 1, bool)
     for k, c in enumerate(SCORED_CLASSES):
         p, g = (prediction == c).view(np.uint8), (ground_truth == c).view(np.uint8)
         px, py, pw, ph = cv2.boundingRect(p)
         gx, gy, gw, gh = cv2.boundingRect(g)
         if pw == 0 and gw == 0:
+            present[k] = False
             continue
         if pw == 0 or gw == 0:
             iou[k] = nsd[k] = 0.0
@@ -81,7 +86,13 @@ def frame_scores(prediction: np.ndarray, ground_truth: np.ndarray,
         p_edge, g_edge = _boundary(p), _boundary(g)
         close = _within(p_edge, g_edge, tolerance).sum() + _within(g_edge, p_edge, tolerance).sum()
         nsd[k] = close / (np.count_nonzero(p_edge) + np.count_nonzero(g_edge))
-    return iou, nsd
+    return iou, nsd, present
+
+
+def frame_scores(prediction: np.ndarray, ground_truth: np.ndarray,
+                 tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """IoU and NSD of classes 1..9, each class on a crop around it; equal to reference_frame_scores."""
+    return frame_record(prediction, ground_truth, tolerance)[:2]
 
 
 def confusion_matrix(prediction: np.ndarray, ground_truth: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -95,13 +106,25 @@ def confusion_matrix(prediction: np.ndarray, ground_truth: np.ndarray, num_class
 # -----------------------------------------------------------------------------
 # frames -> videos -> dataset
 
-def summarize(frame_results: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict:
-    """Video name -> [(iou, nsd) per frame] => dataset, per-video and per-class means (every video weighs the same)."""
+def seed_miou(records: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    """The seed pipeline's own metric, NOT the official score: each frame's mean IoU over the classes in its
+    prediction or ground truth (a frame with none is skipped), then the mean over every frame of every video
+    together (no per-video step); NaN if no frame counts."""
+    values = [iou[present].mean() for iou, _, present in records if present.any()]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarize(frame_results: dict[str, list[tuple]]) -> dict:
+    """Video name -> [(iou, nsd) or frame_record's (iou, nsd, present) per frame] => dataset, per-video and per-class
+    means (every video weighs the same); with presence on every frame, also "seed_mIoU" (see seed_miou)."""
     if not frame_results or not all(frame_results.values()):
         raise ValueError("every video needs at least one scored frame")
-    per_video = {name: np.array(frames, dtype=np.float64).mean(axis=0) for name, frames in frame_results.items()}
+    per_video = {name: np.array([frame[:2] for frame in frames], dtype=np.float64).mean(axis=0)
+                 for name, frames in frame_results.items()}
     per_class = np.mean(list(per_video.values()), axis=0)  # (2, 9): IoU and NSD per class, mean over videos
     miou, mnsd = per_class.mean(axis=1)
+    records = [frame for frames in frame_results.values() for frame in frames]
+    seed = {"seed_mIoU": seed_miou(records)} if all(len(frame) == 3 for frame in records) else {}
     return {
         "mIoU": float(miou),
         "mNSD": float(mnsd),
@@ -110,7 +133,8 @@ def summarize(frame_results: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> 
                    for name, v in per_video.items()},
         "classes": {CLASS_NAMES[c]: {"IoU": float(per_class[0, k]), "NSD": float(per_class[1, k])}
                     for k, c in enumerate(SCORED_CLASSES)},
-        "frames": sum(len(frames) for frames in frame_results.values()),
+        "frames": len(records),
+        **seed,
     }
 
 
@@ -145,7 +169,7 @@ def _score_files(paths):
     if prediction.shape != ground_truth.shape:
         raise PredictionError(f"{prediction_path}: size {prediction.shape[1]}x{prediction.shape[0]}, "
                               f"ground truth is {ground_truth.shape[1]}x{ground_truth.shape[0]}")
-    return (*frame_scores(prediction, ground_truth), confusion_matrix(prediction, ground_truth))
+    return (*frame_record(prediction, ground_truth), confusion_matrix(prediction, ground_truth))
 
 
 def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None = None, progress: bool = True,
@@ -179,10 +203,11 @@ def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None =
         if pool:
             pool.shutdown(cancel_futures=True)
     frame_results = {m.parts[0]: [] for m in masks}
-    for m, (iou, nsd, _) in zip(found, scored):
-        frame_results[m.parts[0]].append((iou, nsd))
-    for m in missing:  # no prediction: 0 on every class, both metrics; nothing added to the confusion matrix
-        frame_results[m.parts[0]].append((np.zeros(NUM_CLASSES - 1), np.zeros(NUM_CLASSES - 1)))
-    confusion = sum((s[2] for s in scored), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+    for m, (iou, nsd, present, _) in zip(found, scored):
+        frame_results[m.parts[0]].append((iou, nsd, present))
+    zero = np.zeros(NUM_CLASSES - 1)
+    for m in missing:  # no prediction: 0 on every class, seed mIoU too; nothing added to the confusion matrix
+        frame_results[m.parts[0]].append((zero, zero, np.ones(NUM_CLASSES - 1, bool)))
+    confusion = sum((s[-1] for s in scored), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
     return {**summarize(frame_results), "missing": [m.as_posix() for m in missing], "confusion": confusion.tolist(),
             "ground_truth_dir": str(ground_truth_dir), "prediction_dir": str(prediction_dir)}

@@ -7,13 +7,15 @@
 Predictions go to MODEL/inference/video_XX/segmentation/<mask name>.png: 8-bit class ids at the source size,
 the layout the official toolkit reads. Pictures (frame | prediction | ground truth) go to
 MODEL/inference/video_XX/visualisations/, the official score to metrics.json, per_class.csv and
-confusion_matrix.png in the prediction folder.
+confusion_matrix.png in the prediction folder; metrics.json and the printed table also give the seed pipeline's own
+mIoU (seed_mIoU), labelled as such: not the official score.
 """
 import argparse
 import collections
 import csv
 import io
 import json
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,8 @@ NO_DATA_HINT = "see 'Data preparation' in README.md, or try the built-in demo fi
 THIN_CLASSES = ("suturing needle", "thread")
 OUTPUT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png")
 PROVENANCE_FILE = "predicted_with.json"  # how the predictions in a folder were made, for re-scoring later
+SEED_MIOU_NOTE = ("the seed pipeline's own metric: per-frame IoU over the classes present in prediction or ground truth, "
+                  "mean over all frames of all videos; not the official score")
 # Class colours (RGB) for pictures; background stays uncoloured.
 CLASS_COLOURS = {
     1: (255, 225, 25),   # tool clasper: yellow
@@ -323,6 +327,9 @@ def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
           f"{len(metrics['videos'])} videos ({metrics['split']} split)")
     print("  " + "  ".join(f"{video} {v['mIoU']:.3f}/{v['mNSD']:.3f}" for video, v in metrics["videos"].items())
           + "   (per video mIoU/mNSD)")
+    seed = "n/a (no frame has an instrument)" if metrics["seed_mIoU"] is None else f"{metrics['seed_mIoU']:.4f}"
+    print(f"seed mIoU {seed} (the design we start from's own metric, not the official score; "
+          "its published 0.687 is this number)")
     floor = metrics["background_only"]
     print(f"background everywhere would score {floor['score']:.4f} (mIoU {floor['mIoU']:.4f}, mNSD {floor['mNSD']:.4f})")
     if metrics["missing"]:
@@ -357,8 +364,11 @@ def run(args) -> None:
     if args.eval_only and not provenance:
         print(f"warning: {provenance_file} is missing: these predictions may come from a run that did not finish",
               file=sys.stderr)
+    seed_miou = result["seed_mIoU"]
     metrics = {
         **result,
+        "seed_mIoU": None if math.isnan(seed_miou) else seed_miou,  # no frame with an instrument: null, not NaN
+        "seed_mIoU_note": SEED_MIOU_NOTE,
         "model_directory": provenance.get("model_directory"), "checkpoint": provenance.get("checkpoint"),
         "data_directory": str(args.data_directory), "split": args.split,
         "inference": {k: v for k, v in provenance.items() if k not in ("model_directory", "checkpoint")} or None,

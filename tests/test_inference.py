@@ -1,4 +1,5 @@
-"""Inference entry point: predictions in the official layout, pictures, the official score, re-scoring, bad input."""
+"""Inference entry point: predictions in the official layout, pictures, the official score (and the seed pipeline's own
+mIoU beside it), re-scoring, bad input."""
 import csv
 import json
 import shutil
@@ -128,6 +129,10 @@ def test_metrics_json_is_the_official_score_of_the_written_predictions(test_run,
     for text in ("thread *", "suturing needle *", f"official score {metrics['score']:.4f}", "background everywhere"):
         assert text in test_run.stdout
 
+    assert 0 <= metrics["seed_mIoU"] <= 1 and "not the official score" in metrics["seed_mIoU_note"]
+    assert (f"seed mIoU {metrics['seed_mIoU']:.4f} (the design we start from's own metric, not the official score; "
+            "its published 0.687 is this number)") in test_run.stdout
+
 
 def test_eval_only_rescores_the_predictions_without_the_model(test_run, trained_model, release, tmp_path):
     model = tmp_path / "model"
@@ -139,6 +144,7 @@ def test_eval_only_rescores_the_predictions_without_the_model(test_run, trained_
     rescored = json.loads((model / "inference" / "metrics.json").read_text())
     original = json.loads((trained_model / "inference" / "metrics.json").read_text())
     assert rescored["score"] == original["score"] and rescored["classes"] == original["classes"]
+    assert rescored["seed_mIoU"] == original["seed_mIoU"] and rescored["seed_mIoU_note"] == original["seed_mIoU_note"]
     assert rescored["checkpoint"] == "best"  # from the predictions' record, not from a model
     assert "visualisations:" not in result.stdout
 
@@ -149,10 +155,22 @@ def test_predictions_directory_scores_any_folder_without_a_model(release, tmp_pa
     assert infer("--data-directory", release, "--model-directory", tmp_path / "nothing-here",
                  "--predictions-directory", perfect) == 0
     metrics = json.loads((perfect / "metrics.json").read_text())
-    assert metrics["mIoU"] == metrics["mNSD"] == metrics["score"] == 1.0
+    assert metrics["mIoU"] == metrics["mNSD"] == metrics["score"] == metrics["seed_mIoU"] == 1.0
     assert metrics["model_directory"] is None and metrics["inference"] is None
     assert (perfect / "per_class.csv").is_file() and (perfect / "confusion_matrix.png").is_file()
     assert not (tmp_path / "nothing-here").exists()
+
+
+def test_no_instrument_in_any_frame_writes_a_null_seed_miou(tmp_path, capsys):
+    for folder in ("sarrarp/test", "predictions"):
+        mask = tmp_path / folder / "video_41" / "segmentation" / "000000000.png"
+        mask.parent.mkdir(parents=True)
+        cv2.imwrite(str(mask), np.zeros((8, 8), np.uint8))
+    assert infer("--data-directory", tmp_path / "sarrarp", "--predictions-directory", tmp_path / "predictions") == 0
+    text = (tmp_path / "predictions" / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["seed_mIoU"] is None  # strict JSON: null
+    assert json.loads(text)["score"] == 1.0
+    assert "seed mIoU n/a (no frame has an instrument)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -1,4 +1,5 @@
-"""The official SAR-RARP50 score, rule by rule, on small hand-made masks with hand-computed values."""
+"""The official SAR-RARP50 score, rule by rule, on small hand-made masks with hand-computed values; and the seed
+pipeline's own mIoU reported beside it, which must leave the official score untouched."""
 
 import json
 import struct
@@ -8,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from metrics import (PredictionError, confusion_matrix, evaluate_directories, frame_scores, read_label_png,
-                     reference_frame_scores, summarize)
+from metrics import (PredictionError, confusion_matrix, evaluate_directories, frame_record, frame_scores,
+                     read_label_png, reference_frame_scores, summarize)
 
 BOTH = [frame_scores, reference_frame_scores]  # every rule holds for the fast and the straightforward version
 
@@ -162,6 +163,18 @@ def test_the_fast_version_equals_the_straightforward_one(tolerance):
         np.testing.assert_allclose(fast[1], reference[1], rtol=0, atol=1e-6)
 
 
+def test_frame_record_is_frame_scores_plus_which_classes_are_in_either_mask():
+    rng = np.random.default_rng(7)
+    ground_truth = random_scene(rng)
+    prediction = perturbed(rng, ground_truth)
+    iou, nsd, present = frame_record(prediction, ground_truth)
+    fast_iou, fast_nsd = frame_scores(prediction, ground_truth)
+    np.testing.assert_array_equal(iou, fast_iou)
+    np.testing.assert_array_equal(nsd, fast_nsd)
+    in_either = np.union1d(np.unique(prediction), np.unique(ground_truth))
+    assert present.dtype == bool and present.tolist() == [c in in_either for c in range(1, 10)]
+
+
 def test_masks_of_different_shapes_are_refused():
     with pytest.raises(ValueError):
         frame_scores(np.zeros((4, 5), np.uint8), np.zeros((5, 4), np.uint8))
@@ -208,6 +221,74 @@ def test_score_is_the_geometric_mean_of_dataset_miou_and_mnsd():
     assert result["score"] == pytest.approx(np.sqrt(0.64 * 0.5))
 
 
+def test_summarize_adds_no_seed_miou_unless_every_frame_says_which_classes_it_has():
+    assert "seed_mIoU" not in summarize({"video_01": frames(1.0, 1.0)})
+    with_presence = (np.ones(9), np.ones(9), np.ones(9, bool))
+    assert "seed_mIoU" not in summarize({"video_01": [with_presence], "video_02": frames(1.0, 1.0)})
+    assert summarize({"video_01": [with_presence]})["seed_mIoU"] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# the seed pipeline's own mIoU: NOT the official score, reported beside it
+
+def pair(prediction, ground_truth):
+    return np.array(prediction, np.uint8), np.array(ground_truth, np.uint8)
+
+
+NO_INSTRUMENT = pair(np.zeros((3, 3)), np.zeros((3, 3)))
+
+
+SEED_FRAMES = {  # video -> [((prediction, ground truth), seed pipeline's frame value, official frame mIoU)]
+    "video_01": [
+        # class 1: IoU 2/4; class 9, only predicted: 0, counts; classes 2-8, in neither: skipped (official: 1.0 each)
+        (pair([[1, 1, 0],
+               [0, 0, 0],
+               [0, 0, 9]], [[1, 1, 0],
+                            [1, 1, 0],
+                            [0, 0, 0]]), (0.5 + 0) / 2, (0.5 + 0 + 7) / 9),
+        (NO_INSTRUMENT, np.nan, 1.0),  # no instrument in either: skipped (official: 1.0)
+        (pair(np.full((3, 3), 3), np.full((3, 3), 3)), 1.0, 1.0),  # perfect
+    ],
+    "video_02": [
+        (pair([[2, 0, 0],
+               [2, 0, 0],
+               [0, 0, 0]], [[2, 2, 0],
+                            [2, 2, 0],
+                            [0, 0, 0]]), 0.5, (0.5 + 8) / 9),
+    ],
+}
+
+
+def seed_records():
+    return {video: [frame_record(*masks) for masks, _, _ in rows] for video, rows in SEED_FRAMES.items()}
+
+
+def test_each_frame_value_skips_classes_in_neither_mask_and_counts_a_class_in_one_as_zero():
+    for rows, records in zip(SEED_FRAMES.values(), seed_records().values()):
+        for (_, seed_value, official_value), (iou, _, present) in zip(rows, records):
+            np.testing.assert_allclose(iou[present].mean() if present.any() else np.nan, seed_value)
+            assert iou.mean() == pytest.approx(official_value)
+
+
+def test_the_seed_miou_pools_every_frame_of_every_video_and_skips_frames_without_instruments():
+    result = summarize(seed_records())
+    assert result["seed_mIoU"] == pytest.approx((0.25 + 1.0 + 0.5) / 3)  # frames pooled, the empty frame skipped
+    assert result["seed_mIoU"] != pytest.approx(((0.25 + 1.0) / 2 + 0.5) / 2)  # not a mean of per-video means
+    assert result["mIoU"] == pytest.approx(((7.5 / 9 + 1 + 1) / 3 + 8.5 / 9) / 2)  # the official score: another number
+
+
+def test_the_seed_miou_leaves_the_official_score_exactly_as_it_was():
+    with_presence = summarize(seed_records())
+    official = summarize({video: [(iou, nsd) for iou, nsd, _ in records] for video, records in seed_records().items()})
+    assert {key: value for key, value in with_presence.items() if key != "seed_mIoU"} == official
+    assert official == summarize({video: [frame_scores(*masks) for masks, _, _ in rows]
+                                  for video, rows in SEED_FRAMES.items()})
+
+
+def test_the_seed_miou_is_nan_when_no_frame_has_an_instrument():
+    assert np.isnan(summarize({"video_01": [frame_record(*NO_INSTRUMENT)] * 2})["seed_mIoU"])
+
+
 # -----------------------------------------------------------------------------
 # directories on disk
 
@@ -235,6 +316,7 @@ def test_a_missing_prediction_scores_zero_and_is_listed(ground_truth_dir, tmp_pa
     assert result["videos"] == {"video_01": {"mIoU": 0.5, "mNSD": 0.5, "frames": 2},
                                 "video_02": {"mIoU": 1.0, "mNSD": 1.0, "frames": 1}}
     assert result["mIoU"] == result["mNSD"] == result["score"] == pytest.approx(0.75)
+    assert result["seed_mIoU"] == pytest.approx((0 + 1 + 1) / 3)  # the missing frame scores 0 here too; frames pooled
     assert result["frames"] == 3
     confusion = np.array(result["confusion"])  # the two scored frames only
     assert confusion.sum() == 2 * 12 * 16 and confusion[3, 3] == 2 * 24 and confusion[0, 0] == 2 * (192 - 24)
