@@ -1,13 +1,15 @@
-"""Train and score a grid of configurations (head x loss x resolution x LoRA rank) with one seed and one budget.
+"""Train and score a grid of configurations (backbone x backbone training x head x loss x resolution, LoRA rank for
+LoRA runs) with one seed and one budget.
 
-    python benchmarks/ablate.py --data-directory sarrarp --backbone facebook/dinov3-vitb16-pretrain-lvd1689m \
-        --max-steps 2000 --heads mlp,multilayer --losses ce,ce+dice --resolutions half --lora-ranks 16
+    python benchmarks/ablate.py --data-directory sarrarp --backbones vitl16 --backbone-trainings frozen,lora,full \
+        --lora-ranks 8,16 --resolutions half,quarter --heads mlp --losses ce --max-steps 2000
     python benchmarks/ablate.py --demo      # demo data + a tiny random backbone: plumbing, a few CPU minutes
 
 Each configuration runs run_training.py, then run_inference.py --split val --checkpoint last (the weights at the
 fixed budget, not chosen on the data they are scored on), as subprocesses, as a user would: peak memory is then
-each configuration's own. Runs go to OUTPUT/<configuration>/ with train.log and inference.log; a configuration
-already scored is reused, an interrupted one resumed. Arguments after -- go to every run_training.py call.
+each configuration's own. Runs go to OUTPUT/<backbone>_<mode>_<head>_<loss>_<resolution>/ (mode: frozen, full or
+lora-r<rank>) with train.log and inference.log; a configuration already scored is reused, an interrupted one resumed.
+--recipe FILE passes --config FILE, and arguments after -- are passed, to every run_training.py call.
 Writes OUTPUT/ablation.csv and OUTPUT/ablation.md.
 """
 import argparse
@@ -15,6 +17,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dataset import CLASS_NAMES  # noqa: E402
+from model import BACKBONE_TRAINING, BACKBONES, DEFAULT_BACKBONE  # noqa: E402
 
 THIN_CLASSES = ("suturing needle", "thread")
 DEMO_BANNER = "**demo data + tiny random backbone: these numbers show plumbing, not truth**"
@@ -35,25 +39,74 @@ def comma_list(text: str) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)")
-    parser.add_argument("--backbone", help="hub id or local directory (default: run_training.py's)")
+    parser.add_argument("--backbones", type=comma_list,
+                        help=f"short names ({', '.join(BACKBONES)}), hub ids or local directories (default: {DEFAULT_BACKBONE})")
+    parser.add_argument("--backbone", help="a single backbone: the same as --backbones with one value")
+    parser.add_argument("--backbone-trainings", type=comma_list, default=["lora"],
+                        help=f"of {', '.join(BACKBONE_TRAINING)}; the LoRA ranks apply to lora only (default: lora)")
     parser.add_argument("--output-directory", default="ablation", help="(default: %(default)s)")
     parser.add_argument("--heads", type=comma_list, default=["mlp", "multilayer"], help="(default: mlp,multilayer)")
     parser.add_argument("--losses", type=comma_list, default=["ce", "ce+dice"], help="(default: ce,ce+dice)")
     parser.add_argument("--resolutions", type=comma_list, help="(default: half; full with --demo)")
     parser.add_argument("--lora-ranks", type=comma_list, default=["16"], help="(default: 16)")
+    parser.add_argument("--recipe", metavar="FILE", help="run_training.py --config FILE for every run (flags of the grid "
+                                                         "override it), e.g. recipes/seed.yaml")
     parser.add_argument("--max-steps", type=int, help="training steps of every configuration (default: 2000; 30 with --demo)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="data loader processes of training and inference (default: %(default)s)")
     parser.add_argument("--demo", action="store_true",
-                        help="build demo data and a tiny random backbone in OUTPUT/demo-data and ablate on them")
+                        help="build demo data and a tiny random backbone in OUTPUT/demo-data and ablate on them "
+                             "(the tiny backbone is then the only backbone)")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.training_extra = argv[split + 1:]
+    unknown = [t for t in args.backbone_trainings if t not in BACKBONE_TRAINING]
+    if unknown:
+        parser.error(f"unknown backbone trainings {unknown}: choose from {','.join(BACKBONE_TRAINING)}")
+    if args.backbones and args.backbone:
+        parser.error("give --backbones or --backbone, not both")
+    if args.demo and (args.backbones or args.backbone):
+        parser.error("--demo makes and uses its own tiny backbone: drop --backbone/--backbones")
+    args.backbones = args.backbones or [args.backbone or DEFAULT_BACKBONE]
     args.resolutions = args.resolutions or (["full"] if args.demo else ["half"])
     args.max_steps = args.max_steps or (30 if args.demo else 2000)
     return args
+
+
+def backbone_label(backbone: str) -> str:
+    """A folder-name label: the short name of a released DINOv3 (given short or as its hub id), else the last part
+    of the hub id or path."""
+    short_names = {hub_id: name for name, hub_id in BACKBONES.items()}
+    label = backbone if backbone in BACKBONES else short_names.get(backbone) or Path(backbone.rstrip("/\\")).name
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", label)
+
+
+def mode_label(config: dict) -> str:
+    return f"lora-r{config['lora_rank']}" if config["backbone_training"] == "lora" else config["backbone_training"]
+
+
+def configuration_name(config: dict) -> str:
+    """e.g. vitl16_lora-r8_mlp_ce_half."""
+    return "_".join([config["backbone_label"], mode_label(config), config["head"], config["loss"].replace("+", "-"),
+                     config["resolution"]])
+
+
+def expand_grid(backbones, trainings, lora_ranks, heads, losses, resolutions) -> list[dict]:
+    """Every configuration once: a LoRA run per rank, frozen and full runs once (a rank means nothing to them).
+    Raises ValueError if two backbones would share a folder label."""
+    labels = {backbone: backbone_label(backbone) for backbone in dict.fromkeys(backbones)}
+    if len(set(labels.values())) < len(labels):
+        raise ValueError(f"backbones {list(labels)} do not have distinct folder labels ({list(labels.values())}): "
+                         "give directories with distinct names")
+    unique = lambda values: list(dict.fromkeys(values))
+    modes = [(training, rank) for training in unique(trainings)
+             for rank in (unique(lora_ranks) if training == "lora" else [None])]
+    return [{"backbone": backbone, "backbone_label": labels[backbone], "backbone_training": training, "lora_rank": rank,
+             "head": head, "loss": loss, "resolution": resolution}
+            for backbone, (training, rank), head, loss, resolution in
+            itertools.product(labels, modes, unique(heads), unique(losses), unique(resolutions))]
 
 
 def run_logged(command: list, log_path: Path) -> bool:
@@ -77,23 +130,28 @@ def build_demo_inputs(directory: Path) -> tuple[Path, Path]:
     return data, backbone
 
 
+def training_command(args, config: dict, run: Path) -> list:
+    """run_training.py and its arguments for one configuration: the recipe first, so the grid's flags override it."""
+    lora = config["backbone_training"] == "lora"
+    return [ROOT / "run_training.py", *(["--config", args.recipe] if args.recipe else []),
+            "--data-directory", args.data_directory, "--output-directory", run, "--backbone", config["backbone"],
+            "--backbone-training", config["backbone_training"], *(["--lora-rank", config["lora_rank"]] if lora else []),
+            "--head", config["head"], "--loss", config["loss"], "--resolution", config["resolution"],
+            "--max-steps", args.max_steps, "--seed", args.seed, "--num-workers", args.num_workers,
+            "--val-every", args.max_steps, *(DEMO_TRAINING if args.demo else []),
+            *args.training_extra, *(["--resume"] if (run / "checkpoint.pt").is_file() else [])]
+
+
 def run_configuration(args, config: dict, run: Path) -> str:
     """Train and score one configuration in run/; 'ok', or what failed."""
-    scores = run / "inference" / "metrics.json"
-    if scores.is_file():
+    if (run / "inference" / "metrics.json").is_file():
         return "ok"
-    training = [ROOT / "run_training.py", "--data-directory", args.data_directory, "--output-directory", run,
-                "--head", config["head"], "--loss", config["loss"], "--resolution", config["resolution"],
-                "--lora-rank", config["lora_rank"], "--max-steps", args.max_steps, "--seed", args.seed,
-                "--num-workers", args.num_workers, "--val-every", args.max_steps,
-                *(["--backbone", args.backbone] if args.backbone else []), *(DEMO_TRAINING if args.demo else []),
-                *args.training_extra, *(["--resume"] if (run / "checkpoint.pt").is_file() else [])]
     run.mkdir(parents=True, exist_ok=True)
-    if not run_logged(training, run / "train.log"):
+    if not run_logged(training_command(args, config, run), run / "train.log"):
         return f"training failed (see {run / 'train.log'})"
     inference = [ROOT / "run_inference.py", "--data-directory", args.data_directory, "--model-directory", run,
                  "--split", "val", "--checkpoint", "last", "--num-workers", args.num_workers,
-                 *(["--backbone", args.backbone] if args.backbone else [])]
+                 "--backbone", config["backbone"]]
     if not run_logged(inference, run / "inference.log"):
         return f"inference failed (see {run / 'inference.log'})"
     return "ok"
@@ -132,16 +190,18 @@ def write_tables(rows: list[dict], args, output: Path) -> str:
     lines = ["# Ablation", ""]
     if args.demo:
         lines += [DEMO_BANNER, ""]
-    lines += [f"data `{args.data_directory}`, backbone `{args.backbone or 'run_training.py default'}`, "
-              f"{args.max_steps} steps, seed {args.seed}, extra training arguments `{' '.join(args.training_extra) or 'none'}`; "
+    lines += [f"data `{args.data_directory}`, {args.max_steps} steps, seed {args.seed}, recipe `{args.recipe or 'none'}`, "
+              f"extra training arguments `{' '.join(args.training_extra) or 'none'}`; "
               "scored with run_inference.py --split val --checkpoint last (official SAR-RARP50 metric).", "",
-              "| configuration | score | mIoU | mNSD | thread* IoU/NSD | needle* IoU/NSD | s/step | images/s | peak MB | trainable params |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| configuration | backbone | mode | score | mIoU | mNSD | thread* IoU/NSD | needle* IoU/NSD | s/step | images/s "
+              "| peak MB | trainable params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        described = f"| {row['configuration']} | {row['backbone_label']} | {mode_label(row)} |"
         if row["status"] != "ok":
-            lines.append(f"| {row['configuration']} | {row['status']} |" + " |" * 8)
+            lines.append(f"{described} {row['status']} |" + " |" * 8)
             continue
-        lines.append(f"| {row['configuration']} | {number(row['score'])} | {number(row['mIoU'])} | {number(row['mNSD'])} | "
+        lines.append(f"{described} {number(row['score'])} | {number(row['mIoU'])} | {number(row['mNSD'])} | "
                      f"{row['thread IoU']:.3f}/{row['thread NSD']:.3f} | "
                      f"{row['suturing needle IoU']:.3f}/{row['suturing needle NSD']:.3f} | {row['seconds_per_step']:.3f} | "
                      f"{row['images_per_second']:.2f} | {row['peak_memory_mb']:.0f} | {row['trainable_parameters']:,} |")
@@ -166,12 +226,16 @@ def main(argv=None) -> int:
     output = Path(args.output_directory)
     output.mkdir(parents=True, exist_ok=True)
     if args.demo:
-        args.data_directory, args.backbone = build_demo_inputs(output / "demo-data")
-    grid = [dict(zip(("head", "loss", "resolution", "lora_rank"), values))
-            for values in itertools.product(args.heads, args.losses, args.resolutions, args.lora_ranks)]
+        args.data_directory, backbone = build_demo_inputs(output / "demo-data")
+        args.backbones = [str(backbone)]
+    try:
+        grid = expand_grid(args.backbones, args.backbone_trainings, args.lora_ranks, args.heads, args.losses,
+                           args.resolutions)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     rows = []
     for k, config in enumerate(grid, 1):
-        run = output / f"{config['head']}_{config['loss'].replace('+', '-')}_{config['resolution']}_r{config['lora_rank']}"
+        run = output / configuration_name(config)
         print(f"[{k}/{len(grid)}] {run.name} ...", flush=True)
         status = run_configuration(args, config, run)
         rows.append(result_row(config, run, status))
