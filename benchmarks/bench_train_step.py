@@ -1,30 +1,40 @@
-"""One training step of the segmentation model: time, saved-activation bytes and (on CUDA) peak GPU memory.
+"""Memory of one training step by backbone training mode (frozen / LoRA / full): measured saved activations, and
+GPU memory EXTRAPOLATED from them for ViT-S to ViT-7B at half and full resolution; on CUDA, real steps too.
 
-A step is exactly what run_training.py does: autocast forward of SegmentationModel (randomly initialised DINOv3
-ViT of a real size, LoRA rank 16 on q/k/v/o, MLP head), weighted cross entropy on logits upsampled to the full
-1920x1080 source, backward, gradient clipping, AdamW step. Half resolution: input 960x544 (content 960x540).
-Grid: gradient checkpointing {off, on} x attention {eager, sdpa} x precision {fp32, bf16 autocast}.
+A step is what run_training.py does: bf16 autocast forward of SegmentationModel (a randomly initialised DINOv3 ViT/16
+of a released shape, sdpa attention, the seed's pixel-MLP head), weighted cross entropy on logits upsampled to the
+1920x1080 source, backward, gradient clipping, AdamW step. Modes: frozen (only the head trains; the backbone runs under
+no_grad), lora (rank 16 on q/k/v/o), full (every backbone weight). Backbone weights in float32, or bfloat16 for the
+frozen ones (frozen and LoRA: run_training.py --backbone-dtype bfloat16). Half resolution: input 960x544 (content
+960x540); full: 1920x1088 (content 1920x1080).
 
 "Saved activations" are the bytes of the unique storages the autograd graph keeps for backward (packed through
 torch.autograd.graph.saved_tensors_hooks during the forward, parameters excluded; with checkpointing, the layer
-inputs that torch.utils.checkpoint holds for recomputation are added). That is what differs between the
-configurations and what dominates GPU memory; it needs no GPU to measure.
+inputs that torch.utils.checkpoint holds for recomputation are added). They need no GPU to measure.
 
-On a CPU-only machine the script also prints an EXTRAPOLATED GPU memory estimate (ViT-B/16 half resolution
-batch 8, ViT-L/16 full resolution batch 4) from measured saved bytes: it is not a GPU measurement.
+Extrapolation: the layers of a ViT are identical, so per-image saved bytes = other + depth x one layer's bytes, both
+measured by a forward of a 1-layer model of the same shape at the real resolution (batch 1, CPU; a 7B layer at full
+resolution takes about a minute and ~4 GB). GPU bytes then add weights, gradients and AdamW states, one layer's
+recomputation and the full-resolution logits (see print_extrapolation). A full-depth step measured on the CPU (ViT-S by
+default) checks the depth extrapolation. These GPU figures are NOT GPU measurements.
 
-    .venv/bin/python benchmarks/bench_train_step.py --quick                 # smoke run, ViT-S only
-    .venv/bin/python benchmarks/bench_train_step.py                         # CPU: ViT-S, ViT-B, batch 1, 2 steps
-    .venv/bin/python benchmarks/bench_train_step.py --device cuda           # GPU: + ViT-L, batch 8, peak memory
+    .venv/bin/python benchmarks/bench_train_step.py --quick          # smoke run: ViT-S only (< 1 min)
+    .venv/bin/python benchmarks/bench_train_step.py                  # CPU: every shape extrapolated (~10-15 min, 2 cores)
+    .venv/bin/python benchmarks/bench_train_step.py --device cuda    # + real ViT-B and ViT-L steps, half res, batch 8
+    .venv/bin/python benchmarks/bench_train_step.py --attention-grid # + eager/sdpa x fp32/bf16 steps of LoRA
 """
 
 import argparse
+import copy
 import gc
 import itertools
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
@@ -33,43 +43,104 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset import NUM_CLASSES  # noqa: E402
 from losses import weighted_cross_entropy  # noqa: E402
-from model import IMAGENET_MEAN, IMAGENET_STD, SegmentationModel, count_parameters  # noqa: E402
+from model import BACKBONE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, SegmentationModel, count_parameters  # noqa: E402
 
-# name: (label, hidden, layers, heads, intermediate), as the DINOv3 LVD-1689M ViT-S/B/L 16 checkpoints
+# model.BACKBONES short name: (label, hidden, layers, heads, intermediate, gated SwiGLU MLP), as Meta's DINOv3 ViTs
 MODELS = {
-    "vits": ("ViT-S/16", 384, 12, 6, 1536),
-    "vitb": ("ViT-B/16", 768, 12, 12, 3072),
-    "vitl": ("ViT-L/16", 1024, 24, 16, 4096),
+    "vits16": ("ViT-S/16", 384, 12, 6, 1536, False),
+    "vits16plus": ("ViT-S+/16", 384, 12, 6, 1536, True),
+    "vitb16": ("ViT-B/16", 768, 12, 12, 3072, False),
+    "vitl16": ("ViT-L/16", 1024, 24, 16, 4096, False),
+    "vith16plus": ("ViT-H+/16", 1280, 32, 20, 5120, True),
+    "vit7b16": ("ViT-7B/16", 4096, 40, 32, 8192, True),
 }
 SOURCE_SIZE = (1080, 1920)  # (H, W) of the logits and masks: the full source resolution
 RESOLUTIONS = {  # name: (content (h, w), padded (h, w)) of the backbone input
     "half": ((540, 960), (544, 960)),
     "full": ((1080, 1920), (1088, 1920)),
 }
+EXTRAPOLATED_BATCH = {"half": 8, "full": 4}
 LORA_RANK = 16
+TRAINABLE_BYTES = 4 + 4 + 8  # per trainable parameter: fp32 weight, gradient, two AdamW states
+LOGITS_BYTES = NUM_CLASSES * SOURCE_SIZE[0] * SOURCE_SIZE[1] * 4 * 3  # per image: fp32 logits, softmax, gradient
+GPU_GB = 80  # an H100/A100 80 GB
 MB, GB = 1e6, 1e9
 
 
-def make_model(name, attention, checkpointing, depth=None, device="cpu"):
-    _, hidden, layers, heads, intermediate = MODELS[name]
+class Variant(NamedTuple):
+    mode: str  # backbone training: frozen, lora or full
+    checkpointing: bool
+    dtype: str  # of the backbone weights: float32, or bfloat16 (frozen weights only)
+
+    def label(self) -> str:
+        return f"{self.mode:6} {'bf16' if self.dtype == 'bfloat16' else 'fp32':4} {'on ' if self.checkpointing else 'off'}"
+
+
+VARIANTS = [Variant("frozen", False, "float32"), Variant("frozen", False, "bfloat16"),
+            Variant("lora", False, "float32"), Variant("lora", True, "float32"),
+            Variant("lora", False, "bfloat16"), Variant("lora", True, "bfloat16"),
+            Variant("full", False, "float32"), Variant("full", True, "float32")]
+QUICK_VARIANTS = [Variant("frozen", False, "float32"), Variant("lora", True, "float32"), Variant("full", True, "float32")]
+
+
+class Probe(NamedTuple):
+    """Saved bytes per image of a 1-layer model."""
+    layer: int  # inside the layer, without checkpointing
+    inputs: int  # of the layer's input hidden states: all that a checkpointed layer keeps
+    other: int  # outside the layers: embeddings, RoPE, final norm, head, loss
+
+
+def probed_as(variant: Variant) -> Variant:
+    """The probe that stands for this variant. One forward without checkpointing gives both layer figures, and the
+    bytes outside the layers do not depend on it. A frozen backbone saves nothing and hands float32 features to the
+    head whatever its weights' dtype, so one frozen probe serves both dtypes."""
+    return variant._replace(checkpointing=False, dtype="bfloat16" if variant.mode == "frozen" else variant.dtype)
+
+
+def working_layer(variant: Variant) -> Variant:
+    """The probe whose per-layer bytes bound what one layer holds while it runs: the layer recomputed in backward
+    (checkpointing), or the layer a frozen backbone runs under no_grad (bounded from above by what LoRA saves)."""
+    return Variant("lora" if variant.mode == "frozen" else variant.mode, False, variant.dtype)
+
+
+def make_backbone(name, dtype="float32", depth=None, attention="sdpa", device="cpu") -> DINOv3ViTModel:
+    _, hidden, layers, heads, intermediate, gated = MODELS[name]
     config = DINOv3ViTConfig(
         hidden_size=hidden, num_hidden_layers=depth or layers, num_attention_heads=heads,
-        intermediate_size=intermediate, patch_size=16, num_register_tokens=4, layerscale_value=1e-5,
-        key_bias=False, pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,  # as model.py
+        intermediate_size=intermediate, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", patch_size=16,
+        num_register_tokens=4, layerscale_value=1e-5, key_bias=False,
+        pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,  # as model.py
     )
     config._attn_implementation = attention
     torch.manual_seed(0)
-    backbone = DINOv3ViTModel(config)
+    with torch.device(device):
+        backbone = DINOv3ViTModel(config).to(BACKBONE_DTYPES[dtype])
     assert backbone.config._attn_implementation == attention, backbone.config._attn_implementation
-    model = SegmentationModel(backbone, IMAGENET_MEAN, IMAGENET_STD, lora_rank=LORA_RANK,
-                              gradient_checkpointing=checkpointing)
-    return model.to(device).train()
+    return backbone
+
+
+def segmentation_model(backbone, variant: Variant) -> SegmentationModel:
+    model = SegmentationModel(backbone, IMAGENET_MEAN, IMAGENET_STD, backbone_training=variant.mode,
+                              lora_rank=LORA_RANK, gradient_checkpointing=variant.checkpointing)
+    return model.to(next(backbone.parameters()).device).train()
+
+
+def parameter_summary(name, variant: Variant) -> tuple[int, int, int]:
+    """(trainable, total, bytes of the weights + gradients and AdamW states of the trainable ones) of the full-depth
+    model, built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = segmentation_model(make_backbone(name, variant.dtype, device="meta"), variant)
+    trainable, total = count_parameters(model)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return trainable, total, frozen_bytes + TRAINABLE_BYTES * trainable
 
 
 def make_optimizer(model):
+    """AdamW as run_training.py: the backbone's trainable weights (LoRA or all) at one rate, the head at another."""
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    return torch.optim.AdamW([{"params": lora, "lr": 1e-4}, {"params": head, "lr": 1e-3}], weight_decay=0.01), lora + head
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    groups = [{"params": backbone, "lr": 1e-4}, {"params": head, "lr": 1e-3}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.01), backbone + head
 
 
 def make_batch(batch_size, resolution, device):
@@ -82,7 +153,8 @@ def make_batch(batch_size, resolution, device):
 
 
 class SavedBytes:
-    """Bytes of the unique storages autograd saves for backward, split into backbone layers and the rest.
+    """Bytes of the unique storages autograd saves for backward, split into backbone layers and the rest, and the
+    bytes of the layers' input hidden states.
 
     Non-reentrant checkpointing installs its own saved-tensor hooks inside each layer (the innermost hooks win),
     so nothing inside a checkpointed layer reaches ours; what it does keep, the layer's inputs, is recorded by
@@ -96,6 +168,7 @@ class SavedBytes:
         self.layers = [m for m in model.modules() if isinstance(m, DINOv3ViTLayer)]
         assert self.layers, "no DINOv3ViTLayer found"
         self.seen = {}
+        self.inputs = 0
         self.inside_layer = 0
 
     def _record(self, tensor, region=None):
@@ -116,6 +189,7 @@ class SavedBytes:
         if torch.is_grad_enabled():
             for tensor in args:  # the hidden states: one per layer
                 self._record(tensor, "layers")
+                self.inputs += tensor.untyped_storage().nbytes()
             for value in kwargs.values():  # RoPE cos/sin: computed once, shared by all layers
                 for tensor in value if isinstance(value, (tuple, list)) else (value,):
                     self._record(tensor, "other")
@@ -172,8 +246,9 @@ def release(device):
         torch.cuda.empty_cache()
 
 
-def bench(name, attention, precision, checkpointing, batch_size, steps, device):
-    model = make_model(name, attention, checkpointing, device=device)
+def bench(name, variant, batch_size, steps, device, attention="sdpa", precision="bf16"):
+    """Full-depth training steps at half resolution: median time, saved bytes and (CUDA) peak memory."""
+    model = segmentation_model(make_backbone(name, variant.dtype, attention=attention, device=device), variant)
     optimizer, params = make_optimizer(model)
     batch = make_batch(batch_size, "half", device)
     started = time.perf_counter()
@@ -187,12 +262,9 @@ def bench(name, attention, precision, checkpointing, batch_size, steps, device):
         train_step(model, optimizer, params, batch, "half", precision)
         synchronize(device)
         times.append(time.perf_counter() - started)
-    result = {
-        "model": name, "attention": attention, "precision": precision, "checkpointing": checkpointing,
-        "batch": batch_size, "seconds": statistics.median(times[1:] if steps else times), "saved": saved.total(),
-        "saved_layers": saved.total("layers"), "saved_other": saved.total("other"),
-        "params": count_parameters(model),
-    }
+    result = {"model": name, "variant": variant, "attention": attention, "precision": precision, "batch": batch_size,
+              "seconds": statistics.median(times[1:] if steps else times), "saved": saved.total(),
+              "saved_layers": saved.total("layers"), "saved_other": saved.total("other")}
     if device.type == "cuda":
         result["peak"] = torch.cuda.max_memory_allocated(device)
         result["images_per_s"] = batch_size / result["seconds"]
@@ -201,169 +273,213 @@ def bench(name, attention, precision, checkpointing, batch_size, steps, device):
     return result
 
 
-def full_depth(name, attention, precision, checkpointing, resolution):
-    """Per-image saved bytes and parameter counts of the full-depth model, measured on a 1-layer model of the same
-    width (forward only, batch 1, CPU): the layers are identical, so bytes = other + layers x per-layer bytes."""
-    layers = MODELS[name][2]
-    model = make_model(name, attention, checkpointing, depth=1)
+def probe(backbone, variant: Variant, resolution) -> Probe:
+    """Saved bytes of a forward of a copy of the 1-layer backbone (batch 1, CPU). Its layer gets an input that
+    requires grad, as every layer but the first of a LoRA model does (a LoRA model's first layer saves a little less:
+    the probe errs high by that)."""
+    model = segmentation_model(copy.deepcopy(backbone), variant)
+    model.vit().embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_())
     batch = make_batch(1, resolution, torch.device("cpu"))
     with SavedBytes(model) as saved:
-        loss = forward_loss(model, *batch, resolution, precision)
-    layer, other = saved.total("layers"), saved.total("other")
-    one = count_parameters(model)
-    del model, loss, saved, batch
-    two = count_parameters(make_model(name, attention, checkpointing, depth=2))  # parameters only, no forward
-    release(torch.device("cpu"))
-    params = tuple(p1 + (layers - 1) * (p2 - p1) for p1, p2 in zip(one, two))
-    return {"saved": other + layers * layer, "layer": layer, "params": params}
+        forward_loss(model, *batch, resolution, "bf16")
+    return Probe(saved.total("layers"), saved.inputs, saved.total("other"))
 
 
-def estimate(name, resolution, batch_size, ckpt, no_ckpt):
-    """Extrapolated GPU bytes of a step; ckpt/no_ckpt: full_depth() of the same attention/precision."""
-    trainable, total = ckpt["params"]
-    weights = 4 * total + 3 * 4 * trainable  # fp32 weights; fp32 grads + 2 AdamW states of the trainable ones
-    saved = batch_size * ckpt["saved"]
-    recompute = batch_size * no_ckpt["layer"]  # backward re-runs one layer at a time, keeping all it saves
-    logits = batch_size * NUM_CLASSES * SOURCE_SIZE[0] * SOURCE_SIZE[1] * 4 * 3
-    return {"weights": weights, "saved": saved, "recompute": recompute, "logits": logits,
-            "total": weights + saved + recompute + logits}
+def probe_model(name, variants, resolutions) -> dict:
+    """{(probe variant, resolution): Probe} of every probe these variants need: 1-layer models, batch 1, CPU."""
+    needed = list(dict.fromkeys(p for v in variants for p in (probed_as(v), working_layer(v))))
+    probes = {}
+    for dtype in dict.fromkeys(p.dtype for p in needed):
+        backbone = make_backbone(name, dtype, depth=1)
+        for resolution, variant in itertools.product(resolutions, [p for p in needed if p.dtype == dtype]):
+            probes[variant, resolution] = probe(backbone, variant, resolution)
+        del backbone
+        release(torch.device("cpu"))
+    return probes
 
 
-def table_header(cuda):
-    header = f"{'model':9} {'attention':9} {'precision':9} {'ckpt':4} {'batch':>5} {'s/step':>8} {'saved MB':>9}" \
-             f" {'layers MB':>9} {'other MB':>8}"
-    header += f" {'GPU peak MB':>11} {'img/s':>7}" if cuda else ""
+def probe_model_apart(name, variants, resolutions) -> dict:
+    """probe_model in a process of its own, so that the memory a large model's probes leave behind goes back to the
+    system before the next model (in one process, ViT-7B's full-resolution probes after the others ran out of 24 GB)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(probe_model, name, variants, resolutions).result()
+
+
+def layer_bytes(probe: Probe, variant: Variant) -> int:
+    return probe.inputs if variant.checkpointing else probe.layer
+
+
+def saved_per_image(name, variant, resolution, probes) -> int:
+    """Per-image saved bytes of the full-depth model; probes: {name: probe_model(name, ...)}."""
+    probe = probes[name][probed_as(variant), resolution]
+    return probe.other + MODELS[name][2] * layer_bytes(probe, variant)
+
+
+def estimate(name, variant, resolution, batch_size, probes, weights_optim) -> dict:
+    """Extrapolated GPU bytes of a step with batch_size images; weights_optim from parameter_summary()."""
+    saved = batch_size * saved_per_image(name, variant, resolution, probes)
+    running = variant.checkpointing or variant.mode == "frozen"
+    layer = batch_size * probes[name][working_layer(variant), resolution].layer if running else 0
+    logits = batch_size * LOGITS_BYTES
+    return {"weights": weights_optim, "saved": saved, "layer": layer, "logits": logits,
+            "total": weights_optim + saved + layer + logits}
+
+
+def measured_header(cuda):
+    header = f"{'model':10} {'mode':6} {'wts':4} {'ckpt':4} {'attn':5} {'prec':4} {'batch':>5} {'s/step':>7}" \
+             f" {'saved MB':>9} {'layers MB':>9} {'other MB':>8} {'probe MB':>8}"
+    header += f" {'GPU peak MB':>11} {'img/s':>7} {'extrap. MB':>10}" if cuda else ""
     return header + "\n" + "-" * len(header)
 
 
-def table_row(r, cuda):
-    line = f"{MODELS[r['model']][0]:9} {r['attention']:9} {r['precision']:9} {'on' if r['checkpointing'] else 'off':4}" \
-           f" {r['batch']:5d} {r['seconds']:8.2f} {r['saved'] / MB:9.0f} {r['saved_layers'] / MB:9.0f}" \
-           f" {r['saved_other'] / MB:8.0f}"
-    return line + (f" {r['peak'] / MB:11.0f} {r['images_per_s']:7.2f}" if cuda else "")
-
-
-def print_summary(results, cuda):
-    print("\nSummary")
-    print("-------")
-    by_key = {(r["model"], r["attention"], r["precision"], r["checkpointing"]): r for r in results}
-    for (name, attention, precision, ckpt), r in by_key.items():
-        if ckpt or (name, attention, precision, True) not in by_key:
-            continue
-        on = by_key[(name, attention, precision, True)]
-        ratio = r["saved"] / on["saved"]
-        line = f"{MODELS[name][0]} {attention:5} {precision}: checkpointing cuts saved activations " \
-               f"{r['saved'] / MB:.0f} -> {on['saved'] / MB:.0f} MB = {ratio:.1f}x " \
-               f"({'meets' if ratio >= 5 else 'MISSES'} the >= 5x target), step {on['seconds'] / r['seconds']:.2f}x the time"
-        if cuda:
-            line += f"; GPU peak {r['peak'] / MB:.0f} -> {on['peak'] / MB:.0f} MB"
-        print(line)
-    for name in dict.fromkeys(r["model"] for r in results):
-        base, best = by_key.get((name, "eager", "fp32", False)), by_key.get((name, "sdpa", "bf16", True))
-        if base and best:
-            line = f"{MODELS[name][0]} eager fp32 no-ckpt -> sdpa bf16 ckpt (the defaults): saved activations " \
-                   f"{base['saved'] / MB:.0f} -> {best['saved'] / MB:.0f} MB ({base['saved'] / best['saved']:.1f}x less)"
-            if cuda:
-                line += f", GPU peak {base['peak'] / MB:.0f} -> {best['peak'] / MB:.0f} MB at batch {best['batch']}"
-            print(line)
-        for precision in ("fp32", "bf16"):
-            eager, sdpa = by_key.get((name, "eager", precision, False)), by_key.get((name, "sdpa", precision, False))
-            if eager and sdpa:
-                print(f"{MODELS[name][0]} {precision} no-ckpt: sdpa saves {sdpa['saved'] / MB:.0f} MB vs eager "
-                      f"{eager['saved'] / MB:.0f} MB ({eager['saved'] / sdpa['saved']:.2f}x), "
-                      f"{sdpa['seconds']:.2f} vs {eager['seconds']:.2f} s/step")
+def measured_row(r, probes, summaries, cuda):
+    """A measured step, beside its saved bytes (and on CUDA its GPU memory) extrapolated from the probes."""
+    name, variant, batch = r["model"], r["variant"], r["batch"]
+    probed = (r["attention"], r["precision"]) == ("sdpa", "bf16") and (probed_as(variant), "half") in probes[name]
+    line = f"{MODELS[name][0]:10} {variant.label()}  {r['attention']:5} {r['precision']:4} {batch:5d} " \
+           f"{r['seconds']:7.2f} {r['saved'] / MB:9.0f} {r['saved_layers'] / MB:9.0f} {r['saved_other'] / MB:8.0f} " \
+           + (f"{batch * saved_per_image(name, variant, 'half', probes) / MB:8.0f}" if probed else f"{'-':>8}")
     if cuda:
-        for r in results:
-            if r["model"] == "vitb" and (r["attention"], r["precision"], r["checkpointing"]) == ("sdpa", "bf16", True):
-                verdict = "meets" if r["peak"] <= 8 * GB and r["batch"] >= 8 else "check"
-                print(f"ViT-B/16 half res batch {r['batch']} sdpa bf16 ckpt: GPU peak {r['peak'] / GB:.2f} GB "
-                      f"({verdict} the <= 8 GB at batch 8 target)")
+        extrapolated = estimate(name, variant, "half", batch, probes, summaries[name, variant][2])["total"] \
+            if probed else None
+        line += f" {r['peak'] / MB:11.0f} {r['images_per_s']:7.2f} " + \
+                (f"{extrapolated / MB:10.0f}" if extrapolated else f"{'-':>10}")
+    return line
 
 
-def print_extrapolation(results, quick):
-    print("\nEXTRAPOLATED GPU memory (CPU measurement of saved-activation bytes, NOT a GPU measurement)")
-    print("-------------------------------------------------------------------------------------------")
-    print("total = fp32 weights (frozen backbone + LoRA/head) + fp32 grads and 2 AdamW states of the trainable ones")
-    print("      + saved activations per image x batch + one layer's no-checkpointing saved bytes x batch (the")
-    print("        layer backward recomputes) + full-res logits B x 10 x 1080 x 1920 x 4 B x 3 (logits, softmax, grad).")
-    print("Saved bytes per image come from forward passes of 1-layer models of the same width at the same")
-    print("resolution (batch 1, CPU): per-layer bytes x depth + embeddings/RoPE/head/loss bytes (layers are")
-    print("identical); linear in batch. Not included: CUDA context (~0.5 GB), cuBLAS/attention workspaces, allocator")
-    print("fragmentation. The log-softmax is already in the saved bytes, so the logits term counts it twice.")
-    by_key = {(r["model"], r["attention"], r["precision"], r["checkpointing"]): r for r in results}
-    cases = [("vitb", "half", 8, 8 * GB, "ViT-B/16 half res (960x544) batch 8", "<= 8 GB")]
-    if not quick:
-        cases.append(("vitl", "full", 4, 24 * GB, "ViT-L/16 full res (1920x1088) batch 4", "fits in 24 GB"))
-    configs = [("sdpa", "bf16"), ("sdpa", "fp32"), ("eager", "fp32")]
-    for name, resolution, batch_size, target, label, target_text in cases:
-        print(f"\n{label}, target {target_text}:")
-        for attention, precision in configs:
-            if name == "vitl" and precision == "fp32" and attention == "sdpa":
-                continue  # each ViT-L full-res probe is a minute of CPU: only the default (sdpa bf16) is probed
-            if name == "vitl" and attention == "eager":
-                _, (h, w) = RESOLUTIONS[resolution]
-                tokens = (h // 16) * (w // 16) + 5
-                probs = MODELS[name][3] * tokens ** 2 * 4 * MODELS[name][2] * batch_size
-                print(f"  eager fp32 no-ckpt: not probed; its fp32 attention probabilities alone are "
-                      f"heads x tokens^2 x 4 B x layers x batch = {probs / GB:.0f} GB")
-                continue
-            probed = {ckpt: full_depth(name, attention, precision, ckpt, resolution) for ckpt in (True, False)}
-            for ckpt in (True, False):
-                e = estimate(name, resolution, batch_size, probed[ckpt], probed[False])
-                if not ckpt:
-                    e["total"] -= e["recompute"]
-                    e["recompute"] = 0
-                check = ""
-                measured = by_key.get((name, attention, precision, ckpt))
-                if resolution == "half" and measured:
-                    check = f" [full-depth model measured {measured['saved'] / MB:.0f} MB/image; probe " \
-                            f"{probed[ckpt]['saved'] / MB:.0f}]"
-                print(f"  {attention:5} {precision} ckpt {'on ' if ckpt else 'off'}: {e['total'] / GB:6.2f} GB = "
-                      f"weights+optim {e['weights'] / GB:.2f} + saved {e['saved'] / GB:.2f} + recompute "
-                      f"{e['recompute'] / GB:.2f} + logits {e['logits'] / GB:.2f}  "
-                      f"({'within' if e['total'] <= target else 'OVER'} target){check}", flush=True)
+def measure(names, variants, batch_size, steps, device, probes, summaries, grid=False):
+    """Run and print full-depth steps; grid: each variant in eager/sdpa x fp32/bf16 instead of sdpa bf16 only."""
+    cuda = device.type == "cuda"
+    settings = list(itertools.product(("eager", "sdpa"), ("fp32", "bf16"))) if grid else [("sdpa", "bf16")]
+    print(measured_header(cuda), flush=True)
+    results = []
+    for name, variant, (attention, precision) in itertools.product(names, variants, settings):
+        try:
+            results.append(bench(name, variant, batch_size, steps, device, attention, precision))
+            print(measured_row(results[-1], probes, summaries, cuda), flush=True)
+        except torch.OutOfMemoryError:
+            release(device)
+            print(f"{MODELS[name][0]:10} {variant.label()}  {attention:5} {precision:4} out of memory", flush=True)
+    return results
+
+
+def print_grid_summary(results, cuda):
+    """Checkpointing and attention implementations compared, from the --attention-grid steps."""
+    print("\nattention grid: checkpointing and sdpa compared")
+    by_key = {(r["model"], r["variant"], r["attention"], r["precision"]): r for r in results}
+    for (name, variant, attention, precision), r in by_key.items():
+        on = by_key.get((name, variant._replace(checkpointing=True), attention, precision))
+        if not variant.checkpointing and on:
+            line = f"{MODELS[name][0]} {variant.mode} {attention:5} {precision}: checkpointing cuts saved activations " \
+                   f"{r['saved'] / MB:.0f} -> {on['saved'] / MB:.0f} MB = {r['saved'] / on['saved']:.1f}x, " \
+                   f"step {on['seconds'] / r['seconds']:.2f}x the time"
+            print(line + (f"; GPU peak {r['peak'] / MB:.0f} -> {on['peak'] / MB:.0f} MB" if cuda else ""))
+    for (name, variant, attention, precision), sdpa in by_key.items():
+        eager = by_key.get((name, variant, "eager", precision))
+        if attention == "sdpa" and eager:
+            print(f"{MODELS[name][0]} {' '.join(variant.label().split())} {precision}: sdpa saves "
+                  f"{sdpa['saved'] / MB:.0f} MB vs eager {eager['saved'] / MB:.0f} MB "
+                  f"({eager['saved'] / sdpa['saved']:.2f}x), {sdpa['seconds']:.2f} vs {eager['seconds']:.2f} s/step")
+
+
+def extrapolation_row(name, variant, probes, summary, resolutions):
+    trainable, _, weights_optim = summary
+    line = f"{MODELS[name][0]:10} {variant.label()}  {trainable:>13,} {weights_optim / GB:8.2f}"
+    for resolution in resolutions:
+        line += f" {saved_per_image(name, variant, resolution, probes) / MB:9.0f}"
+    for resolution in resolutions:
+        total = estimate(name, variant, resolution, EXTRAPOLATED_BATCH[resolution], probes, weights_optim)["total"]
+        line += f" {total / GB:9.1f}{'!' if total > GPU_GB * GB else ' '}"
+    return line
+
+
+def print_extrapolation(names, variants, probes, summaries, resolutions):
+    print("\nEXTRAPOLATED GPU memory of one training step (from CPU measurements of saved bytes; NOT measured on a GPU)")
+    print("-------------------------------------------------------------------------------------------------------")
+    print(f"GB = weights (frozen ones: 4 B/param in fp32, 2 in bf16) + trainable params x {TRAINABLE_BYTES} B (fp32 weight, grad")
+    print("  and 2 AdamW states; full: every backbone param) + saved activations/image x batch + one layer at work")
+    print("  x batch (checkpointing: the layer backward recomputes; frozen: the layer the no_grad forward runs, bounded")
+    print("  by what LoRA saves for it) + full-res logits x batch (10 x 1080 x 1920 x 4 B x 3: logits, softmax, grad).")
+    print("MB/img = saved activations per image = other + depth x one layer, both from forwards of 1-layer models at")
+    print("  that resolution (batch 1, CPU); checkpointing keeps only each layer's input hidden states.")
+    print("Not included: CUDA context (~0.5 GB), cuBLAS/attention workspaces, allocator fragmentation.")
+    print(f"bf16 autocast, sdpa, pixel-MLP head (hidden 2560), LoRA rank {LORA_RANK} on q/k/v/o; wts: backbone weights; "
+          f"! = over {GPU_GB} GB.\n")
+    saved = " ".join(f"{'MB/img ' + r:>9}" for r in resolutions)
+    batches = " ".join(f"{'GB ' + r + ' b' + str(EXTRAPOLATED_BATCH[r]):>10}" for r in resolutions)
+    header = f"{'model':10} {'mode':6} {'wts':4} {'ckpt':4} {'trainable':>13} {'wts+opt':>8} {saved} {batches}"
+    print(header + "\n" + "-" * len(header))
+    for name in names:
+        for variant in variants:
+            print(extrapolation_row(name, variant, probes, summaries[name, variant], resolutions))
+
+
+def print_fits(names, variants, probes, summaries, resolution):
+    """Per model, the variants that fit an 80 GB GPU at this resolution, cheapest first."""
+    batch = EXTRAPOLATED_BATCH[resolution]
+    print(f"\nFits {GPU_GB} GB at {resolution} resolution, batch {batch} (EXTRAPOLATED GB, cheapest first):")
+    for name in names:
+        totals = {v: estimate(name, v, resolution, batch, probes, summaries[name, v][2])["total"] for v in variants}
+        fitting = sorted((t, v) for v, t in totals.items() if t <= GPU_GB * GB)
+        print(f"  {MODELS[name][0]:10} " + (", ".join(f"{' '.join(v.label().split())} {t / GB:.1f}" for t, v in fitting)
+                                         or "none"))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", help=f"comma-separated shapes to extrapolate, of {','.join(MODELS)} (default: all; "
+                                         "vits16 with --quick)")
+    parser.add_argument("--measure", help="comma-separated shapes to run full-depth half-resolution steps of (default: "
+                                          "vits16 on CPU, vitb16,vitl16 on CUDA)")
+    parser.add_argument("--batch-size", type=int, help="images per measured step (default: 1 on CPU, 8 on CUDA)")
+    parser.add_argument("--steps", type=int, help="timed steps after one warm-up step (default: 0 on CPU, 3 on CUDA); "
+                                                  "0 times the warm-up step itself")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attention-grid", action="store_true",
+                        help="also measure LoRA steps (fp32 weights) in eager/sdpa attention x fp32/bf16 precision")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: ViT-S, half resolution, frozen, LoRA and full (checkpointing on), fp32 weights")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.models = (args.models or ("vits16" if args.quick else ",".join(MODELS))).split(",")
+    args.measure = (args.measure or ("vitb16,vitl16" if cuda and not args.quick else "vits16")).split(",")
+    unknown = [m for m in args.models + args.measure if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}: choose from {','.join(MODELS)}")
+    args.batch_size = args.batch_size or (8 if cuda else 1)
+    args.steps = args.steps if args.steps is not None else 3 if cuda else 0
+    return args
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help="comma-separated of vits,vitb,vitl (default: vits,vitb on CPU, all on CUDA; "
-                                         "vits with --quick)")
-    parser.add_argument("--batch-size", type=int, help="images per step (default: 1 on CPU, 8 on CUDA)")
-    parser.add_argument("--steps", type=int, help="timed steps after one warm-up step (default: 2 on CPU, 3 on CUDA); 0 times the warm-up "
-                             "step itself (on a slow CPU, where first-step overheads are small against the step)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="smoke run: ViT-S, sdpa only, 1 step, ViT-B extrapolation only")
-    args = parser.parse_args()
+    args = parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    models = (args.models or ("vits" if args.quick else "vits,vitb,vitl" if cuda else "vits,vitb")).split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {unknown}: choose from {','.join(MODELS)}")
-    batch_size = args.batch_size or (8 if cuda else 1)
-    steps = args.steps if args.steps is not None else 1 if args.quick else 3 if cuda else 2
-    attentions = ("sdpa",) if args.quick else ("eager", "sdpa")
-
+    resolutions = ["half"] if args.quick else list(RESOLUTIONS)
+    variants = QUICK_VARIANTS if args.quick else VARIANTS
+    names = list(dict.fromkeys(args.models + args.measure))
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}; half resolution: input 960x544 (content 960x540) -> logits 1920x1080; "
-          f"batch {batch_size}; LoRA rank {LORA_RANK} on q/k/v/o + MLP head; "
-          + (f"median of {steps} step(s) after 1 warm-up\n" if steps else "time of the first (warm-up) step, 1 step per configuration\n"))
+          f"torch {torch.__version__}; random weights; bf16 autocast, sdpa, pixel-MLP head, LoRA rank {LORA_RANK} q/k/v/o")
     wall = time.perf_counter()
-    print(table_header(cuda), flush=True)
-    results = []
-    for name, ckpt, attention, precision in itertools.product(models, (False, True), attentions, ("fp32", "bf16")):
-        try:
-            results.append(bench(name, attention, precision, ckpt, batch_size, steps, device))
-            print(table_row(results[-1], cuda), flush=True)
-        except torch.OutOfMemoryError:
-            release(device)
-            print(f"{MODELS[name][0]:9} {attention:9} {precision:9} {'on' if ckpt else 'off':4} out of memory", flush=True)
-    print("\nparameters: " + "; ".join(
-        f"{MODELS[r['model']][0]} {r['params'][0]:,} trainable of {r['params'][1]:,}"
-        for r in {r["model"]: r for r in results}.values()))
-    print_summary(results, cuda)
-    if not cuda:
-        print_extrapolation(results, args.quick)
+    probes = {}
+    for name in names:
+        started = time.perf_counter()
+        probes[name] = probe_model_apart(name, variants, resolutions)
+        print(f"probed {MODELS[name][0]}: {len(probes[name])} forwards of a 1-layer model ({'+'.join(resolutions)} "
+              f"resolution) in {time.perf_counter() - started:.0f} s", flush=True)
+    summaries = {(name, v): parameter_summary(name, v) for name in names for v in variants}
+    print(f"\nMEASURED full-depth steps at half resolution (input 960x544), "
+          + (f"median of {args.steps} after 1 warm-up" if args.steps else "the first step") +
+          "; probe MB: the same saved bytes extrapolated from the 1-layer probes"
+          + ("; extrap. MB: the GPU memory extrapolated" if cuda else ""))
+    measure(args.measure, variants, args.batch_size, args.steps, device, probes, summaries)
+    if args.attention_grid:
+        lora = [v for v in variants if v.mode == "lora" and v.dtype == "float32"]
+        print_grid_summary(measure(args.measure, lora, args.batch_size, args.steps, device, probes, summaries, grid=True),
+                           cuda)
+    print_extrapolation(args.models, variants, probes, summaries, resolutions)
+    for resolution in resolutions:
+        print_fits(args.models, variants, probes, summaries, resolution)
     print(f"\nwall time {time.perf_counter() - wall:.0f} s")
 
 
