@@ -90,6 +90,11 @@ def read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def first_line(error: BaseException, limit: int = 120) -> str:
+    """The first line of an error's message (its type's name if it has none), shortened to limit characters."""
+    return ((str(error).strip().splitlines() or [type(error).__name__])[0])[:limit]
+
+
 def report(error: DataError, skip_bad: bool) -> None:
     if not skip_bad:
         raise error
@@ -98,16 +103,69 @@ def report(error: DataError, skip_bad: bool) -> None:
 
 # ----------------------------------------------------------------------------- discovery
 
+def find_folders(root: Path, is_wanted) -> list[Path]:
+    """The folders at or under root for which is_wanted(folder) holds, without looking inside them. Symbolic links to
+    folders are followed (Path.rglob does not), each real folder once; a link back up to root or above is a loop and
+    is not followed."""
+    found, seen, top = [], set(), os.path.realpath(root)
+    for directory, subdirectories, _ in os.walk(root, followlinks=True):
+        subdirectories.sort()
+        real = os.path.realpath(directory)
+        if real in seen or (real != top and os.path.commonpath([real, top]) == real):
+            subdirectories.clear()
+            continue
+        seen.add(real)
+        if is_wanted(Path(directory)):
+            found.append(Path(directory))
+            subdirectories.clear()
+    return found
+
+
 def find_video_dirs(root: Path) -> list[Path]:
-    """Every video folder (one with a segmentation/ subfolder) under root, sorted by name."""
-    return sorted((p.parent for p in Path(root).rglob("segmentation") if p.is_dir()), key=lambda p: p.name)
+    """Every video folder (one with a segmentation/ subfolder) under root, sorted by name; two of one name are an
+    error, as their frames and scores would be confused."""
+    videos = sorted(find_folders(root, lambda folder: (folder / "segmentation").is_dir()), key=lambda p: p.name)
+    for first, second in zip(videos, videos[1:]):
+        if first.name == second.name:
+            raise DataError(f"two video folders are named {first.name}: {first} and {second}; keep one of them")
+    return videos
+
+
+MASK_NAME = re.compile(r"\d{9}\.png")
+
+
+def frame_index(mask: Path) -> int:
+    """The index of the video frame a mask labels, read from its name as the release writes it ({index:09d}.png)."""
+    if not MASK_NAME.fullmatch(mask.name):
+        raise DataError(f"{mask}: a mask must be named by the index of its frame in video_left.avi, zero-padded to 9 "
+                        "digits (e.g. 000000060.png): rename or remove it")
+    return int(mask.stem)
+
+
+def video_masks(video_dir: Path) -> list[Path]:
+    """The mask files of one video folder; an empty segmentation/ is an error naming the video."""
+    masks = sorted((video_dir / "segmentation").glob("*.png"))
+    if not masks:
+        raise DataError(f"{video_dir / 'segmentation'}: no masks (*.png) for video {video_dir.name}: unpack the "
+                        "video's masks there, or move the folder out of the dataset")
+    return masks
 
 
 def find_samples(video_dirs: list[Path], skip_bad: bool = False) -> list[Sample]:
     """Pair each mask with its frame (frames/ or rgb/, same file name)."""
     samples = []
     for video_dir in video_dirs:
-        for mask in sorted((video_dir / "segmentation").glob("*.png")):
+        try:
+            masks = video_masks(video_dir)
+        except DataError as error:
+            report(error, skip_bad)
+            continue
+        for mask in masks:
+            try:
+                frame_index(mask)
+            except DataError as error:
+                report(error, skip_bad)
+                continue
             image = next((video_dir / f / mask.name for f in FRAME_FOLDERS if (video_dir / f / mask.name).exists()), None)
             if image is None:
                 report(DataError(f"{mask}: no frame for this mask (expected {video_dir / 'frames' / mask.name}; "
@@ -186,9 +244,34 @@ def scan_samples(samples: list[Sample], statistics_file: Path | None = None,
     return good, np.array(counts, dtype=np.int64), shapes.pop()
 
 
+def partial_path(path: Path) -> Path:
+    """Where path is written before it is renamed into place: hidden, and named by the writing process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def remove_partial_files(folder: Path) -> None:
+    """Delete what killed writes left in folder (partial_path files of processes no longer running)."""
+    for leftover in folder.glob(".*.partial"):
+        pid = leftover.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or not process_is_running(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def process_is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has nothing half-written at the moment it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Write under a temporary name, then rename: a killed run never leaves a truncated file under the real name."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary = partial_path(path)
     temporary.write_bytes(data)
     os.replace(temporary, path)
 

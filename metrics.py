@@ -141,8 +141,13 @@ def summarize(frame_results: dict[str, list[tuple]]) -> dict:
 # -----------------------------------------------------------------------------
 # directories on disk
 
-def read_label_png(path) -> np.ndarray:
-    """An 8-bit single-channel PNG as class ids 0..9."""
+# Colour PNGs the official toolkit reads (cv2.imread, then channel 0 of the BGR image): RGB, grey + alpha, RGBA.
+TOOLKIT_COLOUR_TYPES = (2, 4, 6)
+
+
+def read_label_png(path, as_toolkit=False) -> np.ndarray:
+    """An 8-bit single-channel PNG as class ids 0..9. as_toolkit: an 8-bit colour PNG is read as the official
+    toolkit reads it, as channel 0 of OpenCV's BGR image (palette and 16-bit PNGs, which it misreads, are refused)."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
@@ -153,9 +158,12 @@ def read_label_png(path) -> np.ndarray:
     bit_depth, colour_type = data[24], data[25]
     if colour_type == 3:
         raise PredictionError(f"{path}: palette PNG; write class ids as 8-bit single-channel greyscale")
-    if bit_depth != 8 or colour_type != 0:
+    colour = as_toolkit and bit_depth == 8 and colour_type in TOOLKIT_COLOUR_TYPES
+    if not colour and (bit_depth != 8 or colour_type != 0):
         raise PredictionError(f"{path}: {bit_depth}-bit PNG of colour type {colour_type}; need 8-bit single-channel")
-    labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if colour else cv2.IMREAD_UNCHANGED)
+    if labels is not None and colour:
+        labels = np.ascontiguousarray(labels[..., 0])
     if labels is None or labels.ndim != 2 or labels.dtype != np.uint8:
         raise PredictionError(f"{path}: cannot decode as an 8-bit single-channel image")
     if labels.max() >= NUM_CLASSES:
@@ -163,9 +171,15 @@ def read_label_png(path) -> np.ndarray:
     return labels
 
 
+def png_has_colour(path) -> bool:
+    with open(path, "rb") as file:
+        header = file.read(26)
+    return len(header) == 26 and header[25] in TOOLKIT_COLOUR_TYPES
+
+
 def _score_files(paths):
     ground_truth_path, prediction_path = paths
-    ground_truth, prediction = read_label_png(ground_truth_path), read_label_png(prediction_path)
+    ground_truth, prediction = read_label_png(ground_truth_path), read_label_png(prediction_path, as_toolkit=True)
     if prediction.shape != ground_truth.shape:
         raise PredictionError(f"{prediction_path}: size {prediction.shape[1]}x{prediction.shape[0]}, "
                               f"ground truth is {ground_truth.shape[1]}x{ground_truth.shape[0]}")
@@ -185,14 +199,25 @@ def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None =
         if absent:
             raise ValueError(f"{ground_truth_dir}: no video folder {', '.join(absent)}")
         video_dirs = [video for video in video_dirs if video.name in set(videos)]
-    masks = [mask.relative_to(ground_truth_dir)
-             for video in video_dirs if (video / "segmentation").is_dir()
+    video_dirs = [video for video in video_dirs if (video / "segmentation").is_dir()]
+    for video in video_dirs:
+        if not any((video / "segmentation").glob("*.png")):
+            raise ValueError(f"{video / 'segmentation'}: no ground-truth masks for video {video.name}: unpack its "
+                             "masks there, or move the folder out of the dataset")
+    masks = [mask.relative_to(ground_truth_dir) for video in video_dirs
              for mask in sorted((video / "segmentation").glob("*.png"))]
     if not masks:
         raise ValueError(f"{ground_truth_dir}: no video_*/segmentation/*.png ground-truth masks")
     has_prediction = {m: (prediction_dir / m).is_file() for m in masks}
     found = [m for m in masks if has_prediction[m]]
     missing = [m for m in masks if not has_prediction[m]]
+    if not found:
+        raise PredictionError(f"{prediction_dir} holds no prediction for any of the {len(masks)} ground-truth masks "
+                              f"(the first would be {prediction_dir / masks[0]}): is it the right folder?")
+    if os.path.samefile(ground_truth_dir / found[0], prediction_dir / found[0]):
+        raise PredictionError(f"{prediction_dir} is the ground truth itself ({ground_truth_dir}): pass a folder of "
+                              "predictions")
+    coloured = [m.as_posix() for m in found if png_has_colour(prediction_dir / m)]
     jobs = [(ground_truth_dir / m, prediction_dir / m) for m in found]
     workers = workers or os.cpu_count()
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -209,5 +234,6 @@ def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None =
     for m in missing:  # no prediction: 0 on every class, seed mIoU too; nothing added to the confusion matrix
         frame_results[m.parts[0]].append((zero, zero, np.ones(NUM_CLASSES - 1, bool)))
     confusion = sum((s[-1] for s in scored), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
-    return {**summarize(frame_results), "missing": [m.as_posix() for m in missing], "confusion": confusion.tolist(),
+    return {**summarize(frame_results), "missing": [m.as_posix() for m in missing], "colour_predictions": coloured,
+            "confusion": confusion.tolist(),
             "ground_truth_dir": str(ground_truth_dir), "prediction_dir": str(prediction_dir)}

@@ -1,14 +1,21 @@
 """Write frame i of every video_left.avi as frames/{i:09d}.png, exactly as sequential decoding sees it.
 
-Each video is decoded once from the start, counting frames with grab(); only the wanted
-frames are retrieved and written. Seeking (CAP_PROP_POS_FRAMES, PyAV seek, ffmpeg -ss)
-and timestamp-based indexing land on neighbouring frames for inter-frame codecs, so they
-are not used. Writes go to a temporary name and are renamed, so a killed run never leaves
-a truncated frame that looks finished, and a re-run only decodes videos with frames missing.
+Each video is decoded once from the start to its end, counting frames with grab(); only the wanted
+frames are retrieved and written. Seeking (CAP_PROP_POS_FRAMES, PyAV seek, ffmpeg -ss) and
+timestamp-based indexing land on neighbouring frames for inter-frame codecs, so they are not used.
+A video whose decoded frame count differs from its container's is damaged (the frames after the
+damage would be misnumbered): its frames of this run are deleted and it is reported. Writes go to
+a temporary name and are renamed, so a killed run never leaves a truncated frame that looks
+finished. frames/.extracted.json records which video file the frames came from: a re-run skips a
+video whose frames are all there, and rewrites them all when the video file has changed.
 """
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -16,50 +23,116 @@ import cv2
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dataset import write_image_atomically  # noqa: E402
+from dataset import (MASK_NAME, find_folders, frame_index, remove_partial_files,  # noqa: E402
+                     video_masks, write_image_atomically, write_json_atomically)
 
-FRAMES_PER_MASK = 60  # masks are 1 Hz in a 60 fps video
 RATES = {"labelled": None, "1": 60, "10": 6, "all": 1}
+RECORD = ".extracted.json"  # in the output folder: the video file its frames were decoded from
+SAMPLED_CHUNKS, CHUNK_BYTES = 64, 1 << 16
+
+
+class ExtractionError(RuntimeError):
+    """A video that cannot be extracted correctly; the message names it and says what to do."""
 
 
 def wanted_frames(video_dir: Path, rate: str, frame_count: int) -> list[int]:
     """Frame indices to extract: those with a mask, or every k-th frame of the video."""
     if rate == "labelled":
-        return sorted(int(p.stem) for p in (video_dir / "segmentation").glob("*.png"))
+        return [frame_index(mask) for mask in video_masks(video_dir)]
     return list(range(0, frame_count, RATES[rate]))
 
 
-def extract_video(video_path: Path, rate: str, output_name: str = "frames") -> tuple[int, int]:
-    """Extract the wanted frames of one video; returns (written, already present)."""
+def video_identity(video_path: Path) -> dict:
+    """Size, modification time and a digest of 64 chunks spread over the file: a replaced video differs."""
+    size = video_path.stat().st_size
+    digest = hashlib.sha256()
+    with open(video_path, "rb") as video:
+        for k in range(SAMPLED_CHUNKS):
+            video.seek(size * k // SAMPLED_CHUNKS)
+            digest.update(video.read(CHUNK_BYTES))
+    return {"size": size, "mtime_ns": video_path.stat().st_mtime_ns, "sampled_sha256": digest.hexdigest()}
+
+
+def read_record(output_dir: Path) -> dict | None:
+    try:
+        return json.loads((output_dir / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def decoder_messages():
+    """Collect what the decoder (FFmpeg inside OpenCV, which writes to file descriptor 2) says meanwhile."""
+    lines = []
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += [line for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
+
+
+def decode_into(capture, video_path: Path, missing: set[int], output_dir: Path, written: list[Path]) -> int:
+    """Decode the whole video, writing the missing frames (appended to written); returns the frames decoded."""
+    index = 0
+    while capture.grab():
+        if index in missing:
+            ok, frame = capture.retrieve()
+            if not ok:
+                raise ExtractionError(f"{video_path}: cannot decode frame {index}: the file is damaged; download it again")
+            path = output_dir / f"{index:09d}.png"
+            write_image_atomically(path, frame)
+            written.append(path)
+        index += 1
+    return index
+
+
+def extract_video(video_path: Path, rate: str, output_name: str = "frames") -> tuple[int, int, list[str]]:
+    """Extract the wanted frames of one video; returns (written, already present, warnings)."""
     video_dir = video_path.parent
+    output_dir = video_dir / output_name
     capture = cv2.VideoCapture(str(video_path))
     if not capture.isOpened():
-        raise RuntimeError(f"{video_path}: cannot open the video (missing codec or corrupt file)")
-    frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    wanted = wanted_frames(video_dir, rate, frame_count)
-    output_dir = video_dir / output_name
-    missing = {i for i in wanted if not (output_dir / f"{i:09d}.png").exists()}
-    if not missing:
-        capture.release()
-        return 0, len(wanted)
-    output_dir.mkdir(exist_ok=True)
-    last = max(missing)
-    index = 0
+        raise ExtractionError(f"{video_path}: cannot open the video (missing codec or corrupt file)")
     try:
-        while index <= last:
-            if not capture.grab():
-                raise RuntimeError(
-                    f"{video_path}: the video ends at frame {index}, but frame {last} is wanted"
-                )
-            if index in missing:
-                ok, frame = capture.retrieve()
-                if not ok:
-                    raise RuntimeError(f"{video_path}: cannot decode frame {index}")
-                write_image_atomically(output_dir / f"{index:09d}.png", frame)
-            index += 1
+        frame_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        wanted = wanted_frames(video_dir, rate, frame_count)
+        identity, record = video_identity(video_path), read_record(output_dir)
+        same_video = record is not None and record.get("video") == identity
+        missing = {i for i in wanted if not same_video or not (output_dir / f"{i:09d}.png").exists()}
+        if not missing:
+            return 0, len(wanted), []
+        output_dir.mkdir(exist_ok=True)
+        remove_partial_files(output_dir)
+        if record is not None and not same_video:  # every frame came from an earlier version of the video
+            (output_dir / RECORD).unlink()
+            for stale in output_dir.glob("*.png"):
+                stale.unlink() if MASK_NAME.fullmatch(stale.name) else None
+        written = []
+        with decoder_messages() as messages:
+            decoded = decode_into(capture, video_path, missing, output_dir, written)
     finally:
         capture.release()
-    return len(missing), len(wanted) - len(missing)
+    damage = None
+    if frame_count > 0 and decoded != frame_count:
+        damage = f"decoded {decoded} frames but its container lists {frame_count}: the file is damaged or truncated"
+    elif max(missing) >= decoded:
+        damage = f"it has {decoded} frames, but frame {max(missing)} is wanted (by its mask): is it the right video?"
+    if damage:
+        for path in written:  # frames after a gap would carry the wrong index: none rather than wrong ones
+            path.unlink()
+        raise ExtractionError(f"{video_path}: {damage}; download it again (none of its frames were kept)")
+    problems = [] if frame_count > 0 else ["its container states no frame count, so dropped frames cannot be detected"]
+    if messages:
+        problems.append(f"the decoder reported {len(messages)} problem(s), e.g. {messages[0].strip()!r}: check the "
+                        "frames, or download the video again")
+    write_json_atomically(output_dir / RECORD, {"video": identity, "frame_count": decoded})
+    return len(missing), len(wanted) - len(missing), [f"{video_path}: {problem}" for problem in problems]
 
 
 def main() -> int:
@@ -67,7 +140,7 @@ def main() -> int:
         description="Extract frame-accurate PNG frames from every video_left.avi under DATA_DIR "
         "into video_XX/frames/{i:09d}.png (frame i of the video).")
     parser.add_argument("data_dir", nargs="?", default="sarrarp",
-                        help="folder searched recursively for video_left.avi (default: sarrarp)")
+                        help="folder searched recursively (symbolic links followed) for video_left.avi (default: sarrarp)")
     parser.add_argument("--rate", choices=list(RATES), default="labelled",
                         help="labelled: only frames that have a mask in segmentation/ (default); "
                         "1 / 10: one / ten frames per second; all: every frame")
@@ -81,7 +154,7 @@ def main() -> int:
         parser.error(f"{data_dir} is not a folder: unpack the dataset first (scripts/unpack_sarrarp.sh)")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    videos = sorted(data_dir.rglob("video_left.avi"))
+    videos = [folder / "video_left.avi" for folder in find_folders(data_dir, lambda f: (f / "video_left.avi").is_file())]
     if not videos:
         parser.error(f"no video_left.avi found under {data_dir}")
 
@@ -91,11 +164,13 @@ def main() -> int:
         progress = tqdm(as_completed(futures), total=len(futures), unit="video", desc="extracting frames")
         for future in progress:
             try:
-                new, old = future.result()
+                new, old, warnings = future.result()
                 written, present = written + new, present + old
+                for warning in warnings:
+                    progress.write(f"warning: {warning}", file=sys.stderr)
             except Exception as error:  # one bad video must not stop the others
                 failures.append(str(error))
-                progress.write(f"error: {error}")
+                progress.write(f"error: {error}", file=sys.stderr)
     print(f"{len(videos) - len(failures)}/{len(videos)} videos done: {written} frames written, "
           f"{present} already present")
     if failures:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 VIDEO_ZIP = re.compile(r"(?:^|/)(video_(\d+)(?:_\d+)?)\.zip$")
 LAST_TRAINING_VIDEO = 40
+CLUTTER = re.compile(r"(^|/)(__MACOSX/|\.DS_Store$|Thumbs\.db$)")  # added by the archiver, not part of the video
 
 
 class UnpackError(RuntimeError):
@@ -28,11 +29,18 @@ def split_of(video_name: str) -> str:
     return "train" if int(video_name.split("_")[1]) <= LAST_TRAINING_VIDEO else "test"
 
 
-def safe_extract(archive: zipfile.ZipFile, destination: Path) -> None:
-    """Extract every entry, dropping a common top folder named like the video, refusing zip-slip paths."""
-    names = [n for n in archive.namelist() if not n.endswith("/")]
-    prefix = destination.name.split(".")[0] + "/"
-    strip = prefix if names and all(n.startswith(prefix) for n in names) else ""
+def safe_extract(archive: zipfile.ZipFile, destination: Path, video_name: str) -> None:
+    """Extract every entry, dropping a top folder named like the video and operating-system clutter (__MACOSX/,
+    .DS_Store), refusing zip-slip paths and a top folder with other entries beside it."""
+    names = [n for n in archive.namelist() if not n.endswith("/") and not CLUTTER.search(n)]
+    prefix = video_name + "/"
+    inside = [n for n in names if n.startswith(prefix)]
+    if inside and len(inside) < len(names):
+        beside = sorted({n.split("/")[0] for n in names if not n.startswith(prefix)})
+        raise UnpackError(f"{video_name}.zip holds a {prefix} folder and also {', '.join(beside[:3])} beside it, which "
+                          f"would unpack to {video_name}/{video_name}/: delete the extra entries from the zip "
+                          f"(zip -d {video_name}.zip '{beside[0]}*') and run again")
+    strip = prefix if inside else ""
     root = destination.resolve()
     for name in names:
         target = (destination / name[len(strip):]).resolve()
@@ -53,9 +61,12 @@ def unpack_video_zip(opener, video_name: str, output: Path) -> bool:
     partial.mkdir(parents=True)
     try:
         with opener() as handle, zipfile.ZipFile(handle) as archive:
-            safe_extract(archive, partial)
-    except zipfile.BadZipFile:
-        raise UnpackError(f"{video_name}.zip is not a valid zip file (corrupt or incomplete download)")
+            safe_extract(archive, partial, video_name)
+    except (zipfile.BadZipFile, UnpackError) as error:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-unpacked is left behind
+        if isinstance(error, UnpackError):
+            raise
+        raise UnpackError(f"{video_name}.zip is not a valid zip file (corrupt or incomplete download)") from None
     partial.rename(final)
     return True
 

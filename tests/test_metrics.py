@@ -363,3 +363,44 @@ def test_an_unreadable_file_is_an_error_naming_it(tmp_path, content):
         read_label_png(path)
     with pytest.raises(PredictionError, match="absent.png"):
         read_label_png(tmp_path / "absent.png")
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_colour_prediction_is_read_as_the_official_toolkit_reads_it_channel_0_of_bgr(tmp_path, channels):
+    labels = np.arange(10, dtype=np.uint8).reshape(2, 5)
+    noise = np.full((2, 5, channels - 1), 200, np.uint8)
+    path = write_png(tmp_path / "colour.png", np.dstack([labels, noise]))  # OpenCV writes BGR(A): labels in blue
+    np.testing.assert_array_equal(read_label_png(path, as_toolkit=True), labels)
+    with pytest.raises(PredictionError, match="colour type"):
+        read_label_png(path)  # ground truth stays strict
+
+
+def test_the_toolkit_reading_still_refuses_what_the_toolkit_misreads(tmp_path):
+    with pytest.raises(PredictionError, match="palette"):
+        read_label_png(write_palette_png(tmp_path / "palette.png", np.ones((4, 4), np.uint8)), as_toolkit=True)
+    with pytest.raises(PredictionError, match="16-bit"):
+        read_label_png(write_png(tmp_path / "deep.png", np.zeros((4, 4, 3), np.uint16)), as_toolkit=True)
+
+
+def test_scoring_lists_the_colour_predictions_it_read_as_the_toolkit(ground_truth_dir, tmp_path):
+    predictions = tmp_path / "PRED"
+    for path in ground_truth_dir.glob("video_*/segmentation/*.png"):
+        labels = read_label_png(path)
+        colour = path.parent.parent.name == "video_02"
+        write_png(predictions / path.relative_to(ground_truth_dir), cv2.merge([labels] * 3) if colour else labels)
+    result = evaluate_directories(ground_truth_dir, predictions, workers=1, progress=False)
+    assert result["score"] == 1.0 and result["colour_predictions"] == ["video_02/segmentation/000000000.png"]
+
+
+def test_scoring_refuses_a_folder_without_predictions_and_the_ground_truth_itself(ground_truth_dir, tmp_path):
+    with pytest.raises(PredictionError, match="holds no prediction for any of the 3 ground-truth masks"):
+        evaluate_directories(ground_truth_dir, tmp_path, workers=1, progress=False)
+    with pytest.raises(PredictionError, match="is the ground truth itself"):
+        evaluate_directories(ground_truth_dir, ground_truth_dir, workers=1, progress=False)
+
+
+def test_a_video_with_an_empty_segmentation_folder_is_named(ground_truth_dir):
+    for mask in (ground_truth_dir / "video_02" / "segmentation").glob("*.png"):
+        mask.unlink()
+    with pytest.raises(ValueError, match="no ground-truth masks for video video_02"):
+        evaluate_directories(ground_truth_dir, ground_truth_dir, workers=1, progress=False)
