@@ -3,7 +3,9 @@ a per-patch MLP, or a multi-layer upsampler)."""
 import contextlib
 import json
 import os
+import re
 import warnings
+from pathlib import Path
 
 import huggingface_hub
 import torch
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, PreTrainedConfig
 
-from dataset import NUM_CLASSES, PATCH_SIZE
+from dataset import NUM_CLASSES, PATCH_SIZE, first_line, partial_path
 
 # peft 0.21 calls transformers' deprecated is_gradient_checkpointing: noise that tells a user nothing.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -44,22 +46,41 @@ class BackboneError(RuntimeError):
     """The backbone or its token cannot be had; the message says what the user should do."""
 
 
+TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def redact_tokens(text: str) -> str:
+    """text with anything that looks like a Hugging Face token masked: no message ever shows one."""
+    return TOKEN_PATTERN.sub("hf_***", text)
+
+
+def read_token_file(path: str, label: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8").strip() or None
+    except UnicodeDecodeError:
+        raise BackboneError(f"{label} is not a UTF-8 text file: put your Hugging Face token in it as plain text") from None
+    except OSError as error:
+        raise BackboneError(f"cannot read {label} ({error.strerror})") from None
+
+
 def resolve_hf_token(token_file: str | None = None) -> str | None:
     """Token from token_file, else $HF_TOKEN, else ./hf_token.txt, else the `hf auth login` token."""
     if token_file is not None:
+        label = f"token file {token_file}" if not TOKEN_PATTERN.search(token_file) else "the --hf-token-file value"
         if not os.path.isfile(token_file):
-            raise BackboneError(f"token file {token_file} does not exist: pass the file holding your Hugging Face token")
-        with open(token_file) as f:
-            token = f.read().strip()
+            hint = ("it looks like a token itself: put the token in a file and pass the file's path"
+                    if TOKEN_PATTERN.search(token_file) else "pass the file holding your Hugging Face token")
+            raise BackboneError(f"{label} does not exist: {hint}")
+        token = read_token_file(token_file, label)
         if not token:
-            raise BackboneError(f"token file {token_file} is empty: put your Hugging Face token in it")
+            raise BackboneError(f"{label} is empty: put your Hugging Face token in it")
         return token
     token = os.environ.get("HF_TOKEN", "").strip()
     if token:
         return token
     if os.path.isfile("hf_token.txt"):
-        with open("hf_token.txt") as f:
-            token = f.read().strip()
+        token = read_token_file("hf_token.txt", "hf_token.txt")
         if token:
             return token
     token = huggingface_hub.get_token()
@@ -81,24 +102,33 @@ def _unreachable(name: str) -> BackboneError:
 
 def _gated(name: str) -> BackboneError:
     return BackboneError(
-        f"{name} is gated: accept its licence on the hub and put your token in hf_token.txt, "
-        "set HF_TOKEN, or pass --hf-token-file (or a local --backbone directory)"
+        f"{name} is gated and your token has not been granted access: accept its licence at "
+        f"https://huggingface.co/{name} with the account of your token (or pass a local --backbone directory)"
     )
 
 
 def _probe_hub(name: str, token: str | None) -> None:
-    """Fail within seconds, with a clear message, where a plain hub download would retry for ~45 s."""
+    """Fail within seconds, with a clear message, where a plain hub download would retry for ~45 s. Tells apart a
+    refused token, a gated repository, a token without the right permission and a misspelt id."""
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"), token=token, timeout=HUB_PROBE_TIMEOUT_S)
     except GatedRepoError:
         raise _gated(name) from None
-    except RepositoryNotFoundError:
+    except RepositoryNotFoundError:  # the hub answers 401 for gated repositories without a token, 404 for unknown ids
         if token is None:
-            raise _gated(name) from None
-        raise BackboneError(f"{name} is not on the Hugging Face hub or your token cannot see it: check the name") from None
+            raise BackboneError(
+                f"{name} needs a Hugging Face token (the DINOv3 repositories are gated), or does not exist: put your "
+                "token in hf_token.txt, set HF_TOKEN or pass --hf-token-file, and check the name") from None
+        raise BackboneError(f"{name} is not on the Hugging Face hub: check the name (short names: "
+                            f"{', '.join(BACKBONES)})") from None
     except HfHubHTTPError as e:
-        if e.response is not None and e.response.status_code in (401, 403):
-            raise _gated(name) from None
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise BackboneError("the Hugging Face hub refused your token (401: invalid credentials): it is mistyped, "
+                                "expired or revoked; make a new one at https://huggingface.co/settings/tokens") from None
+        if status == 403:
+            raise BackboneError(f"your token may not read {name} (403): give it read access to public gated "
+                                "repositories at https://huggingface.co/settings/tokens") from None
         raise _unreachable(name) from None
     except Exception:  # DNS, connection refused, timeout, offline mode: all mean the hub cannot be used
         raise _unreachable(name) from None
@@ -409,14 +439,18 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_trainable_weights(model: nn.Module, path) -> None:
     tensors = {name: t.cpu().contiguous() for name, t in trainable_state_dict(model).items()}
-    tmp_path = f"{path}.tmp"
-    save_file(tensors, tmp_path)
-    os.replace(tmp_path, path)  # a killed save never leaves a truncated file under the real name
+    temporary = partial_path(Path(path))
+    save_file(tensors, str(temporary))
+    os.replace(temporary, path)  # a killed save never leaves a truncated file under the real name
 
 
 def load_trainable_weights(model: nn.Module, path) -> None:
     """Load the trained weights; any missing or unexpected key is an error, never a silently untrained part."""
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type on a truncated or damaged file
+        raise ValueError(f"{path} is damaged or incomplete ({first_line(error, 80)}): restore it, or "
+                         "train again") from None
     expected = set(trainable_state_dict(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -429,6 +463,41 @@ def load_trainable_weights(model: nn.Module, path) -> None:
 
 class ModelDirectoryError(ValueError):
     """A model directory that run_training.py did not write (completely); the message says what is missing."""
+
+
+NUMBER = (int, float)
+MODEL_CONFIG_KEYS = {  # what inference reads from config.json: key path ("?": optional) -> type, list of that many numbers
+    "backbone": str, "lora.rank": int, "lora.alpha": NUMBER, "lora.dropout": NUMBER, "lora.target_modules": list,
+    "head.type": str, "normalization.mean": 3, "normalization.std": 3, "resolution.name": str,
+    "resolution.scale": NUMBER, "resolution.source_size": 2, "config_version?": int, "backbone_training?": str,
+    "backbone_dtype?": str,
+}
+
+
+def read_model_config(path) -> dict:
+    """config.json of a trained model, with every key inference relies on checked; one line naming a bad key."""
+    damaged = "the file was damaged or edited: restore it from the training run"
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ModelDirectoryError(f"{path} cannot be read ({first_line(error)}): {damaged}") from None
+    for key, kind in MODEL_CONFIG_KEYS.items():
+        value = config
+        for part in key.rstrip("?").split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None and key.endswith("?"):
+            continue
+        if isinstance(kind, int):  # a list of that many numbers
+            good = isinstance(value, list) and len(value) == kind and all(
+                isinstance(v, NUMBER) and not isinstance(v, bool) for v in value)
+            what = f"a list of {kind} numbers"
+        else:
+            good = isinstance(value, kind) and not isinstance(value, bool)
+            what = {str: "a string", int: "an integer", list: "a list"}.get(kind, "a number")
+        if not good:
+            raise ModelDirectoryError(f"{path}: key {key.rstrip('?')!r} is missing or not {what}; {damaged}")
+    return config
 
 
 def load_trained_model(model_directory, checkpoint="best", backbone=None, token=None) -> tuple[SegmentationModel, dict]:
@@ -446,19 +515,15 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
         raise ModelDirectoryError(f"{model_directory} has no {checkpoint} weights ({weights_path} does not exist): "
                                   "has its training run saved any, or did you mean --checkpoint "
                                   f"{'last' if checkpoint == 'best' else 'best'}?")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-        lora, head, normalization = config["lora"], dict(config["head"]), config["normalization"]
-        backbone = backbone or config["backbone"]
-        if config.get("config_version", 1) < 2 and head["type"] == "mlp":
-            head["type"] = "patch-mlp"  # "mlp" named the per-patch head before the seed's pixel MLP became the default
-        model_settings = dict(backbone_training=config.get("backbone_training", "lora"),
-                              backbone_dtype=config.get("backbone_dtype", "float32"), lora_rank=lora["rank"],
-                              lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                              lora_target_modules=lora["target_modules"], head=head)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ModelDirectoryError(f"{config_path} is not a run_training.py config ({error!r})") from None
+    config = read_model_config(config_path)
+    lora, head, normalization = config["lora"], dict(config["head"]), config["normalization"]
+    backbone = backbone or config["backbone"]
+    if config.get("config_version", 1) < 2 and head["type"] == "mlp":
+        head["type"] = "patch-mlp"  # "mlp" named the per-patch head before the seed's pixel MLP became the default
+    model_settings = dict(backbone_training=config.get("backbone_training", "lora"),
+                          backbone_dtype=config.get("backbone_dtype", "float32"), lora_rank=lora["rank"],
+                          lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                          lora_target_modules=lora["target_modules"], head=head)
     try:
         model = build_model(backbone, token, **model_settings)
     except HeadConfigError as error:

@@ -4,6 +4,10 @@ One process:  python run_training.py --data-directory sarrarp --output-directory
 Many GPUs:    torchrun --nproc_per_node 4 run_training.py ...   (DDP; only rank 0 writes and prints)
 """
 import argparse
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -19,6 +23,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -27,12 +32,13 @@ from losses import LOSSES, soft_dice_loss, weighted_cross_entropy
 from metrics import frame_record, summarize
 from model import (BACKBONE_DTYPES, BACKBONE_TRAINING, BACKBONES, CONFIG_VERSION, DEFAULT_BACKBONE, HEAD_TYPES,
                    LORA_TARGET_MODULES, BackboneError, HeadConfigError, build_model, count_parameters, parameter_bytes,
-                   resolve_backbone, resolve_hf_token, save_trainable_weights, trainable_state_dict)
+                   redact_tokens, resolve_backbone, resolve_hf_token, save_trainable_weights, trainable_state_dict)
 
 # Arguments a resumed run may change; any other change would silently break the schedule, the data
 # order or the model (e.g. a new batch size shifts where the epoch resumes).
 CHANGEABLE_ON_RESUME = {"resume", "config", "hf_token_file", "num_workers", "val_every", "checkpoint_every", "log_every",
-                        "cache_frames", "skip_bad_samples", "data_directory", "output_directory", "backbone"}
+                        "cache_frames", "skip_bad_samples", "data_directory", "output_directory", "backbone",
+                        "low_res"}
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "constant")
 SELECTION_METRICS = ("score", "mIoU", "seed_mIoU")
@@ -51,7 +57,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """A bad argument is one line (not the whole usage block): the error and where to look."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {redact_tokens(message)} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +160,7 @@ def config_file_arguments(parser: argparse.ArgumentParser, path: str) -> list[st
         with open(path, encoding="utf-8") as f:
             settings = yaml.safe_load(f)  # JSON is YAML
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        parser.error(f"cannot read --config {path}: {str(error).splitlines()[0]}")
+        parser.error(f"cannot read --config {path}: {D.first_line(error)}")
     if not isinstance(settings, dict):
         parser.error(f"--config {path} must hold settings as 'name: value' lines")
     actions = {action.dest: action for action in parser._actions}
@@ -177,14 +183,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     config_file = parser.parse_known_args(argv)[0].config
     args = parser.parse_args((config_file_arguments(parser, config_file) if config_file else []) + argv)
-    if args.low_res:
-        args.resolution = "quarter"
+    if args.low_res:  # an alias: the run records --resolution quarter either way
+        args.resolution, args.low_res = "quarter", False
     for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "lora_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup_steps", "early_stop_patience", "weight_decay", "grad_clip", "val_every", "num_workers"):
-        if getattr(args, name) < 0:
+    for name in ("warmup_steps", "early_stop_patience", "weight_decay", "grad_clip", "val_every", "num_workers", "seed",
+                 "dice_weight", "lr", "head_lr", "backbone_lr"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:  # "not >=": NaN is refused too
             parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if not args.lora_alpha > 0:
+        parser.error("--lora-alpha must be greater than 0")
+    if not 0 <= args.lora_dropout < 1:
+        parser.error("--lora-dropout must be in [0, 1)")
+    if args.head_width < 32 or args.head_width % 32:
+        parser.error("--head-width must be a positive multiple of 32")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be at least 1")
     if not 0 < args.val_fraction < 1:
@@ -242,7 +255,8 @@ def any_rank(flag: bool, device) -> bool:
 # ----------------------------------------------------------------------------- data
 
 def prepare_data(args, rank: int, world: int, device):
-    """Samples, split and class weights, plus the JSON records to write (split.json, class_weights.json).
+    """Samples, split and class weights, the JSON records to write (split.json, class_weights.json) and the data's
+    fingerprint.
 
     Rank 0 scans (and caches) the masks first and the others reuse its cache; an error on rank 0
     is passed on to every rank so that none waits forever.
@@ -278,7 +292,8 @@ def prepare_data(args, rank: int, world: int, device):
     }
     train_samples = [s for s, t in zip(samples, is_train) if t]
     val_samples = [s for s, t in zip(samples, is_train) if not t]
-    return train_samples, val_samples, source_size, torch.tensor(weights, dtype=torch.float32), records
+    return (train_samples, val_samples, source_size, torch.tensor(weights, dtype=torch.float32), records,
+            data_fingerprint(samples, pixel_counts))
 
 
 def logged_step(line: str) -> float:
@@ -334,6 +349,30 @@ def make_scheduler(optimizer, args, total_steps: int) -> torch.optim.lr_schedule
     return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
 
 
+# ----------------------------------------------------------------------------- one step
+
+def accumulate_gradients(wrapped, batches, args, class_weights, source_size, content_size, autocast, scaler, world,
+                         device) -> tuple[float, int]:
+    """Forward and backward of --grad-accum-steps micro-batches (DDP syncs gradients on the last only); returns their
+    summed loss and the images all ranks saw."""
+    loss_sum, images_seen = 0.0, 0
+    for micro in range(args.grad_accum_steps):
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True).long()
+        sync = micro == args.grad_accum_steps - 1 or world == 1
+        with (wrapped.no_sync() if not sync else torch.enable_grad()), autocast():
+            logits = wrapped(images, source_size, content_size).float()
+            loss = weighted_cross_entropy(logits, masks, class_weights)
+            if args.loss == "ce+dice":
+                loss = loss + args.dice_weight * soft_dice_loss(logits, masks)
+            loss = loss / args.grad_accum_steps
+            scaler.scale(loss).backward()  # a disabled scaler (bf16, fp32) passes the loss through
+        loss_sum += loss.item()
+        images_seen += len(images) * world
+    return loss_sum, images_seen
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -360,21 +399,109 @@ def validate(model, loader, val_samples, source_size, content_size, device, auto
 
 # ----------------------------------------------------------------------------- outputs
 
+class SaveError(OSError):
+    """Writing an output failed (full disk, say); the run stays resumable from its last checkpoint."""
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn any failure to write path into one SaveError line: what happened and what to do."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        reason = "no space left on device" if getattr(error, "errno", None) == errno.ENOSPC else D.first_line(error)
+        raise SaveError(f"could not write {path} ({reason}): free disk space or fix the folder, then continue the run "
+                        "with --resume from its last checkpoint") from None
+
+
 def save_weights(model, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_trainable_weights(model, directory / "weights.safetensors")
+    with writing(directory / "weights.safetensors"):
+        directory.mkdir(parents=True, exist_ok=True)
+        save_trainable_weights(model, directory / "weights.safetensors")
+
+
+def state_digest(value, digest=None) -> str:
+    """SHA-256 over every tensor's bytes and every other value of a (nested) checkpoint, in a fixed order."""
+    digest = digest or hashlib.sha256()
+    if isinstance(value, dict):
+        for key in sorted(value, key=str):
+            digest.update(repr(key).encode())
+            state_digest(value[key], digest)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            state_digest(item, digest)
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    else:
+        digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is truncated, damaged or not finite; never resumed from."""
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at path, verified against the digest saved inside it and for finite weights."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved_digest = checkpoint.pop("sha256")
+    except Exception as error:  # torch.load raises many types on a truncated or empty file
+        raise CheckpointError(f"{path} is damaged or incomplete ({D.first_line(error, 80)}): "
+                              "delete it to start again, or restore it from a backup") from None
+    if state_digest(checkpoint) != saved_digest:
+        raise CheckpointError(f"{path} is damaged (its contents do not match the checksum written with it): "
+                              "delete it to start again, or restore it from a backup")
+    if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
+        raise CheckpointError(f"{path} holds non-finite weights: delete it to start again")
+    return checkpoint
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
-    """Everything a killed run needs to continue exactly; written to a temporary name, then renamed."""
+    """Everything a killed run needs to continue exactly. Written beside, read back and verified, then renamed over
+    the previous checkpoint, which stays until then; weights that are not finite are never saved."""
     checkpoint = {
         "model": {name: tensor.cpu() for name, tensor in trainable_state_dict(model).items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         **state,
     }
-    temporary = path.with_name(f".{path.name}.partial")
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
+    if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
+        raise FloatingPointError(f"the weights became non-finite at step {state['step']}; the last checkpoint in "
+                                 f"{path} was kept. Lower --lr, or use --precision fp32 / bf16")
+    checkpoint["sha256"] = state_digest(checkpoint)
+    temporary = D.partial_path(path)
+    try:
+        with writing(path):
+            torch.save(checkpoint, temporary)
+            load_checkpoint(temporary)
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # what a failed write left
+
+
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler, rank: int, device, state: dict) -> dict:
+    """Load a verified checkpoint into the run's objects and this rank's RNG; returns the saved loop state."""
+    model.load_state_dict(checkpoint["model"], strict=False)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint["rng"][rank]  # each rank's own generators: LoRA dropout differs per rank
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return {k: checkpoint.get(k, v) for k, v in state.items()}
+
+
+def last_good_checkpoint(path: Path) -> str:
+    """What a user can resume from, said only of a checkpoint that verifies."""
+    if not path.exists():
+        return "no checkpoint was written yet"
+    try:
+        return f"the last good checkpoint (step {load_checkpoint(path)['step']}) is in {path}"
+    except CheckpointError as error:
+        return f"no good checkpoint is left: {error}"
 
 
 def plot_training_curves(metrics_file: Path, output: Path) -> None:
@@ -417,6 +544,121 @@ def print_scores(result: dict, step: int) -> None:
                            for name, v in result["classes"].items()) + "   (IoU/NSD, * thin classes)")
 
 
+def run_record(args, model, train_data, precision, world, device, fingerprints) -> dict:
+    """config.json: every resolved argument and all that run_inference.py needs to rebuild the model."""
+    (trainable, total), (trainable_bytes, total_bytes) = count_parameters(model), parameter_bytes(model)
+    return {
+        "config_version": CONFIG_VERSION,
+        "arguments": {k: v for k, v in vars(args).items() if k != "hf_token_file"},
+        "backbone": resolve_backbone(args.backbone), "backbone_training": args.backbone_training,
+        "backbone_dtype": args.backbone_dtype, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
+        "resolution": {"name": args.resolution, "scale": D.RESOLUTION_SCALES[args.resolution],
+                       "source_size": list(train_data.source_size), "content_size": list(train_data.content_size),
+                       "padded_size": list(train_data.padded_size)},
+        "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
+        "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                 "target_modules": args.lora_targets},
+        "head": model.head_config,
+        "loss": {"type": args.loss, **({"dice_weight": args.dice_weight} if args.loss == "ce+dice" else {})},
+        "parameters": {"trainable": trainable, "total": total, "head": sum(p.numel() for p in model.head.parameters()),
+                       "trainable_mb": trainable_bytes / 2**20, "total_mb": total_bytes / 2**20},
+        "precision": precision, "world_size": world, "device": device.type, "fingerprints": fingerprints,
+    }
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+def check_run_directory(args, output: Path, world: int) -> dict | None:
+    """The saved config.json of the run to resume (None for a new run), after checking that the request fits the
+    directory. Checked on every rank: an error on rank 0 alone would leave the others waiting at the next barrier."""
+    checkpoint_path, config_path = output / "checkpoint.pt", output / "config.json"
+    if not args.resume:
+        if checkpoint_path.exists():
+            raise D.DataError(f"{output} already holds a run: pass --resume to continue it, or choose another --output-directory")
+        return None
+    if not checkpoint_path.exists():
+        raise D.DataError(f"nothing to resume: {checkpoint_path} does not exist")
+    saved = read_run_config(config_path)
+    changed = [f"--{k.replace('_', '-')} {saved['arguments'].get(k)} -> {v}" for k, v in vars(args).items()
+               if k not in CHANGEABLE_ON_RESUME and saved["arguments"].get(k) != v]
+    changed += [f"{saved['world_size']} -> {world} processes"] if saved["world_size"] != world else []
+    if changed:
+        raise D.DataError(f"--resume continues a run with its own settings, but these changed: {'; '.join(changed)}")
+    return saved
+
+
+def read_run_config(path: Path) -> dict:
+    """config.json of a run, with the keys a resume relies on checked; one line naming what is wrong."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise D.DataError(f"{path} cannot be read ({D.first_line(error)}): it was damaged or edited; "
+                          "restore it, or start a new run in another --output-directory") from None
+    for key, kind in (("arguments", dict), ("world_size", int)):
+        if not isinstance(saved, dict) or not isinstance(saved.get(key), kind):
+            raise D.DataError(f"{path}: key {key!r} is missing or not a {kind.__name__}; it was damaged or edited: "
+                              "restore it, or start a new run in another --output-directory")
+    return saved
+
+
+def hold_run_directory(output: Path, rank: int, device):
+    """Rank 0 creates output and holds its lock (lock_run_directory); a refusal reaches every rank."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_directory(output)
+        except (D.DataError, OSError) as caught:
+            error = caught
+    if any_rank(error is not None, device):
+        raise error or D.DataError(f"rank 0 could not lock {output} (its message says why)")
+    return lock
+
+
+def lock_run_directory(output: Path):
+    """An exclusive lock on output/.lock for this process's life (the kernel drops it when a run dies, so a killed
+    run never blocks its --resume); a second run into the same directory is refused."""
+    lock = open(output / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise D.DataError(f"another training run (pid {lock.read().strip() or '?'}) is writing to {output}: wait for "
+                          "it to finish, or choose another --output-directory") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def data_fingerprint(samples, pixel_counts) -> str:
+    """Every mask the run can use (video, name, per-class pixel counts): a resume on other data is caught."""
+    listing = [[s.video, s.mask.name, counts.tolist()] for s, counts in zip(samples, pixel_counts)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def backbone_fingerprint(model) -> str:
+    """The backbone's weights as loaded (shapes and a strided sample of values): another backbone is caught."""
+    digest = hashlib.sha256()
+    for name, tensor in model.vit().state_dict().items():
+        if "lora_" in name:
+            continue  # adapters are initialised by the run, not loaded
+        flat = tensor.detach().flatten()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_fingerprints(saved_config: dict, current: dict) -> None:
+    """Refuse a resume whose data or backbone differ from the run's (runs of earlier versions have no record)."""
+    recorded = saved_config.get("fingerprints") or current
+    changed = [name for name in ("data", "backbone") if recorded.get(name) != current[name]]
+    if changed:
+        what = {"data": "the training data (videos or masks) differ", "backbone": "the backbone's weights differ"}
+        raise D.DataError(f"--resume refused: {' and '.join(what[c] for c in changed)} from those the run started "
+                          "with; resume with the original ones, or start a new run in another --output-directory")
+
+
 # ----------------------------------------------------------------------------- training
 
 def train(args) -> None:
@@ -426,22 +668,11 @@ def train(args) -> None:
     config_path = output / "config.json"
     metrics_file = output / "metrics.jsonl"
     log = print if rank == 0 else (lambda *a, **k: None)
-    # Checked on every rank: an error on rank 0 alone would leave the others waiting at the next barrier.
-    if not args.resume and checkpoint_path.exists():
-        raise D.DataError(f"{output} already holds a run: pass --resume to continue it, or choose another --output-directory")
-    if args.resume and not checkpoint_path.exists():
-        raise D.DataError(f"nothing to resume: {checkpoint_path} does not exist")
-    if args.resume:
-        saved = json.loads(config_path.read_text())
-        changed = [f"--{k.replace('_', '-')} {saved['arguments'].get(k)} -> {v}" for k, v in vars(args).items()
-                   if k not in CHANGEABLE_ON_RESUME and saved["arguments"].get(k) != v]
-        changed += [f"{saved['world_size']} -> {world} processes"] if saved["world_size"] != world else []
-        if changed:
-            raise D.DataError(f"--resume continues a run with its own settings, but these changed: {'; '.join(changed)}")
+    saved_config = check_run_directory(args, output, world)
     torch.manual_seed(args.seed)
 
     # Everything that can fail on bad input (data, backbone, token) runs before anything is written.
-    train_samples, val_samples, source_size, class_weights, records = prepare_data(args, rank, world, device)
+    train_samples, val_samples, source_size, class_weights, records, data = prepare_data(args, rank, world, device)
     scale = D.RESOLUTION_SCALES[args.resolution]
     train_data = D.SegmentationDataset(train_samples, source_size, scale, augment=True, cache_frames=args.cache_frames,
                                        seed=args.seed, augmentation=args.augmentation)
@@ -454,21 +685,26 @@ def train(args) -> None:
                         lora_target_modules=args.lora_targets, head=head_settings(args),
                         gradient_checkpointing=args.gradient_checkpointing).to(device)
     del token
-    trainable, total = count_parameters(model)
-    head_parameters = sum(p.numel() for p in model.head.parameters())
-    trainable_bytes, total_bytes = parameter_bytes(model)
+    (trainable, total), (trainable_bytes, total_bytes) = count_parameters(model), parameter_bytes(model)
     log(f"model: {args.backbone} ({args.backbone_training}), {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
         f"parameters take {total_bytes / 2**20:.1f} MB ({trainable_bytes / 2**20:.1f} MB trainable)")
-    log(f"head: {model.head_config}, {head_parameters:,} parameters; loss: {args.loss}"
+    log(f"head: {model.head_config}, {sum(p.numel() for p in model.head.parameters()):,} parameters; loss: {args.loss}"
         + (f" (dice weight {args.dice_weight})" if args.loss == "ce+dice" else ""))
+
+    run_fingerprints = {"data": data, "backbone": backbone_fingerprint(model)}
+    if saved_config is not None:
+        check_fingerprints(saved_config, run_fingerprints)
+    checkpoint = load_checkpoint(checkpoint_path) if args.resume else None
 
     precision = args.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    lock = hold_run_directory(output, rank, device)  # noqa: F841 (held until the process ends)
     if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
+        for folder in (output, output / "best", output / "last"):
+            D.remove_partial_files(folder)  # left by writes a kill interrupted
         for name, record in records.items():
             D.write_json_atomically(output / name, record)
 
@@ -482,17 +718,8 @@ def train(args) -> None:
     scheduler = make_scheduler(optimizer, args, total_steps)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": -1.0, "best_step": None, "finished": False,
              "validations_without_improvement": 0, "stopped_early": False}
-    if args.resume:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"], strict=False)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        rng = checkpoint["rng"][rank]  # each rank's own generators: LoRA dropout differs per rank
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        state = {k: checkpoint.get(k, v) for k, v in state.items()}
+    if checkpoint is not None:
+        state = restore(checkpoint, model, optimizer, scheduler, scaler, rank, device, state)
         if state["finished"]:
             log(f"{output} holds a finished run (step {state['step']}); nothing to do")
             return
@@ -502,22 +729,8 @@ def train(args) -> None:
         log(f"resuming at step {state['step']} of {total_steps}")
     elif rank == 0:
         metrics_file.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
-        D.write_json_atomically(config_path, {
-            "config_version": CONFIG_VERSION,
-            "arguments": {k: v for k, v in vars(args).items() if k != "hf_token_file"},
-            "backbone": resolve_backbone(args.backbone), "backbone_training": args.backbone_training,
-            "backbone_dtype": args.backbone_dtype, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
-            "resolution": {"name": args.resolution, "scale": scale, "source_size": list(source_size),
-                           "content_size": list(content_size), "padded_size": list(train_data.padded_size)},
-            "normalization": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
-            "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                     "target_modules": args.lora_targets},
-            "head": model.head_config,
-            "loss": {"type": args.loss, **({"dice_weight": args.dice_weight} if args.loss == "ce+dice" else {})},
-            "parameters": {"trainable": trainable, "total": total, "head": head_parameters,
-                           "trainable_mb": trainable_bytes / 2**20, "total_mb": total_bytes / 2**20},
-            "precision": precision, "world_size": world, "device": device.type,
-        })
+        D.write_json_atomically(config_path, run_record(args, model, train_data, precision, world, device,
+                                                        run_fingerprints))
 
     wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     val_indices = list(range(len(val_data)))[rank::world]  # no padding: every frame scored exactly once
@@ -576,25 +789,12 @@ def train(args) -> None:
                             drop_last=True, pin_memory=device.type == "cuda", generator=loader_generator)
         batches = iter(loader)
         for _ in range(len(indices) // (args.batch_size * args.grad_accum_steps)):
-            loss_sum = 0.0
-            for micro in range(args.grad_accum_steps):
-                batch = next(batches)
-                images = batch["image"].to(device, non_blocking=True)
-                masks = batch["mask"].to(device, non_blocking=True).long()
-                sync = micro == args.grad_accum_steps - 1 or world == 1
-                with (wrapped.no_sync() if not sync else torch.enable_grad()), autocast():
-                    logits = wrapped(images, source_size, content_size).float()
-                    loss = weighted_cross_entropy(logits, masks, class_weights)
-                    if args.loss == "ce+dice":
-                        loss = loss + args.dice_weight * soft_dice_loss(logits, masks)
-                    loss = loss / args.grad_accum_steps
-                    scaler.scale(loss).backward() if precision == "fp16" else loss.backward()
-                loss_sum += loss.item()
-                images_seen += len(images) * world
+            loss_sum, images = accumulate_gradients(wrapped, batches, args, class_weights, source_size, content_size,
+                                                    autocast, scaler, world, device)
+            images_seen += images
             if any_rank(not math.isfinite(loss_sum), device):
-                saved = f"the last good checkpoint (step {torch.load(checkpoint_path, weights_only=True)['step']}) is in {checkpoint_path}" \
-                    if checkpoint_path.exists() else "no checkpoint was written yet"
-                raise FloatingPointError(f"the loss became {loss_sum} at step {state['step'] + 1}; {saved}. "
+                raise FloatingPointError(f"the loss became {loss_sum} at step {state['step'] + 1}; "
+                                         f"{last_good_checkpoint(checkpoint_path)}. "
                                          "Lower --lr, or use --precision fp32 / bf16")
             if args.grad_clip:
                 scaler.unscale_(optimizer)
@@ -628,15 +828,24 @@ def train(args) -> None:
     log(f"done: best validation {args.selection_metric} {state['best_score']:.4f} at step {state['best_step']}; outputs in {output}/")
 
 
+def one_line(error: BaseException) -> str:
+    """The message of an error; a DataLoader worker re-raises with its traceback in the message: its last line."""
+    message = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (D.DataError, BackboneError, HeadConfigError, FloatingPointError, OSError) as error:
-        # DataLoader workers re-raise with their traceback in the message: keep its last line.
-        message = str(error).strip().splitlines()[-1]
-        message = message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
-        print(f"error: {message}", file=sys.stderr)
+    except (D.DataError, BackboneError, HeadConfigError, FloatingPointError, CheckpointError, OSError) as error:
+        print(f"error: {redact_tokens(one_line(error))}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error):
+            raise
+        print(f"error: a data loader worker died ({D.first_line(error)}), often killed by the system when memory "
+              "runs out: lower --num-workers or --batch-size, then continue with --resume", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

@@ -227,8 +227,9 @@ def test_gated_repo_message_names_the_fix_and_hides_the_token(tmp_path, monkeypa
     with pytest.raises(BackboneError) as error:
         load_backbone(DEFAULT_BACKBONE, token=SECRET)
     message = str(error.value)
-    assert message.startswith(f"{DEFAULT_BACKBONE} is gated: accept its licence")
-    assert "hf_token.txt" in message and SECRET not in message
+    assert message.startswith(f"{DEFAULT_BACKBONE} is gated and your token has not been granted access: accept "
+                              f"its licence at https://huggingface.co/{DEFAULT_BACKBONE}")
+    assert SECRET not in message
 
 
 @pytest.mark.parametrize("make_path", [lambda tmp: tmp / "missing", lambda tmp: tmp])

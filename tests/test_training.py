@@ -111,7 +111,7 @@ def test_two_processes_with_torchrun_train_together_and_only_rank_0_writes(demo_
     assert sorted(validation["videos"]) == sorted(split["val"])
     assert sorted(p.name for p in output.iterdir()) == sorted(
         ["best", "last", "checkpoint.pt", "config.json", "split.json", "class_weights.json", "metrics.jsonl",
-         "training_curves.png"])
+         "training_curves.png", ".lock"])  # .lock: the run's hold on its folder
 
 
 def test_the_token_never_appears_in_output_or_in_any_file_written(demo_release, backbone, tmp_path):
