@@ -30,12 +30,13 @@ from tqdm import tqdm
 
 import dataset as D
 from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, read_label_png, summarize
-from model import BackboneError, ModelDirectoryError, load_trained_model, resolve_hf_token
+from model import BackboneError, ModelDirectoryError, load_trained_model, redact_tokens, resolve_hf_token
 
 NO_DATA_HINT = "see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh"
 THIN_CLASSES = ("suturing needle", "thread")
 OUTPUT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png")
-PROVENANCE_FILE = "predicted_with.json"  # how the predictions in a folder were made, for re-scoring later
+PROVENANCE_FILE = "predicted_with.json"  # how the predictions of each video in a folder were made
+SCORES_MANIFEST = ".scores_by_run_inference.json"  # the score files this tool wrote into a folder it did not make
 SEED_MIOU_NOTE = ("the seed pipeline's own metric: per-frame IoU over the classes present in prediction or ground truth, "
                   "mean over all frames of all videos; not the official score")
 # Class colours (RGB) for pictures; background stays uncoloured.
@@ -84,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-size must be at least 1")
     if args.min_component_size < 0:
         parser.error("--min-component-size must be 0 or more")
+    if args.num_workers < 0:
+        parser.error("--num-workers must be 0 or more")
     return args
 
 
@@ -100,7 +103,12 @@ def split_video_dirs(data_directory: Path, model_directory: Path, split: str) ->
     split_file = model_directory / "split.json"
     if not split_file.is_file():
         raise D.DataError(f"{split_file} does not exist: --split val needs the model directory of the run that chose the split")
-    val_videos = json.loads(split_file.read_text())["val"]
+    try:
+        val_videos = json.loads(split_file.read_text())["val"]
+        assert isinstance(val_videos, list) and all(isinstance(v, str) for v in val_videos)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise D.DataError(f"{split_file} is damaged or edited (it needs a 'val' list of video names): restore it "
+                          "from the training run") from None
     by_name = {video_dir.name: video_dir for video_dir in found}
     absent = [video for video in val_videos if video not in by_name]
     if absent:
@@ -198,9 +206,8 @@ def predict_frames(args, model, config, frames, source_size, predictions_directo
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
-    for video in {video for video, _, _ in frames}:
-        for folder in ("segmentation", "visualisations"):
-            (predictions_directory / video / folder).mkdir(parents=True, exist_ok=True)
+    videos = sorted({video for video, _, _ in frames})
+    forget_predictions(predictions_directory, videos)
     loader = DataLoader(FrameDataset([frame for _, frame, _ in frames], content_size), batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     writers = min(8, os.cpu_count() or 1)
@@ -219,10 +226,70 @@ def predict_frames(args, model, config, frames, source_size, predictions_directo
         for job in pending:
             job.result()
     progress.close()
-    settings = {"model_directory": str(args.model_directory), "checkpoint": args.checkpoint,
+    settings = {"model_directory": str(args.model_directory), "checkpoint": args.checkpoint, "split": args.split,
                 "backbone": args.backbone or config["backbone"], "tta": args.tta,
                 "min_component_size": args.min_component_size, "all_frames": args.all_frames, "precision": precision}
-    D.write_json_atomically(predictions_directory / PROVENANCE_FILE, settings)
+    write_provenance(predictions_directory, {**read_provenance(predictions_directory),
+                                             **{video: settings for video in videos}})
+
+
+# ----------------------------------------------------------------------------- records of what is in a folder
+
+def read_provenance(directory: Path) -> dict:
+    """{video: how its predictions were made} from predicted_with.json; {} if there is none or it is of a version
+    that kept one record for the whole folder (it cannot say which videos it describes)."""
+    try:
+        record = json.loads((directory / PROVENANCE_FILE).read_text())
+        return dict(record["videos"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_provenance(directory: Path, videos: dict) -> None:
+    D.write_json_atomically(directory / PROVENANCE_FILE, {"videos": dict(sorted(videos.items()))})
+
+
+def forget_predictions(directory: Path, videos: list[str]) -> None:
+    """Remove the record and the files of what an earlier run predicted for these videos (and what a killed write
+    left), so that each video folder holds the frames of one run."""
+    write_provenance(directory, {v: r for v, r in read_provenance(directory).items() if v not in videos})
+    for video in videos:
+        for folder in (directory / video / "segmentation", directory / video / "visualisations"):
+            folder.mkdir(parents=True, exist_ok=True)
+            D.remove_partial_files(folder)
+            for old in folder.glob("*.png"):
+                old.unlink()
+
+
+def provenance_of(directory: Path, videos: list[str]) -> tuple[dict | None, list[str]]:
+    """(how the predictions of these videos were made, one record if one run made them all, else
+    {"mixed": True, "videos": ...}; None if none is recorded), and warnings about videos without a record or a mix."""
+    recorded = read_provenance(directory)
+    known = {video: recorded[video] for video in videos if video in recorded}
+    unknown = [video for video in videos if video not in recorded]
+    warnings = [f"{directory / PROVENANCE_FILE} has no record of how the predictions of {', '.join(unknown)} were "
+                "made: they may come from a run that did not finish, or another tool"] if unknown else []
+    runs = {json.dumps(record, sort_keys=True) for record in known.values()}
+    if len(runs) > 1:
+        warnings.append(f"the predictions in {directory} come from {len(runs)} different runs (see predicted_with.json): "
+                        "the score mixes them; predict every video with one run to score one model")
+        return {"mixed": True, "videos": known}, warnings
+    return (next(iter(known.values())) if known else None), warnings
+
+
+def check_outputs_are_ours(directory: Path, predicted_here: bool) -> None:
+    """Refuse to overwrite a score file this tool did not write: one listed in the folder's manifest (written with
+    the scores), or any in a folder run_inference.py predicted into, is its own."""
+    if predicted_here or (directory / PROVENANCE_FILE).is_file():
+        return
+    try:
+        claimed = set(json.loads((directory / SCORES_MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        claimed = set()
+    for name in OUTPUT_FILES:
+        if (directory / name).exists() and name not in claimed:
+            raise D.DataError(f"{directory / name} exists and was not written by run_inference.py: move it away, "
+                              "or score a copy of the folder")
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -313,6 +380,7 @@ def write_scores(metrics: dict, directory: Path) -> None:
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["class", "IoU", "NSD"])
     writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
+    D.write_json_atomically(directory / SCORES_MANIFEST, list(OUTPUT_FILES))  # before them: a killed write is ours too
     D.write_bytes_atomically(directory / "per_class.csv", table.getvalue().encode())
     draw_confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
     D.write_json_atomically(directory / "metrics.json", metrics)  # last: its presence means every output is complete
@@ -349,29 +417,34 @@ def run(args) -> None:
     if predicting:  # every check before anything on disk changes
         frames, source_size = list_frames(video_dirs, Path(args.data_directory), args.all_frames)
         model, config = load_trained_model(model_directory, args.checkpoint, args.backbone, resolve_hf_token(args.hf_token_file))
+        predictions_directory.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES:  # stale scores never outlive the predictions they describe
+            (predictions_directory / name).unlink(missing_ok=True)
+        predict_frames(args, model, config, frames, source_size, predictions_directory)
     elif not predictions_directory.is_dir():
         raise D.DataError(f"{predictions_directory} does not exist" + ("" if args.predictions_directory else
                           ": run without --eval-only first to make predictions"))
-    predictions_directory.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES + ((PROVENANCE_FILE,) if predicting else ()):  # stale scores never outlive their predictions
-        (predictions_directory / name).unlink(missing_ok=True)
-    if predicting:
-        predict_frames(args, model, config, frames, source_size, predictions_directory)
+    check_outputs_are_ours(predictions_directory, predicting)
     videos = [video_dir.name for video_dir in video_dirs]
     result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos)
-    provenance_file = predictions_directory / PROVENANCE_FILE
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-    if args.eval_only and not provenance:
-        print(f"warning: {provenance_file} is missing: these predictions may come from a run that did not finish",
-              file=sys.stderr)
+    provenance, warnings = provenance_of(predictions_directory, videos)
+    if result["colour_predictions"]:
+        warnings.append(f"{len(result['colour_predictions'])} prediction PNGs have colour channels (e.g. "
+                        f"{result['colour_predictions'][0]}): scored as the official toolkit reads them, as channel 0 "
+                        "of OpenCV's BGR image (blue); write 8-bit single-channel class ids to be sure")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     seed_miou = result["seed_mIoU"]
+    single = provenance if provenance and not provenance.get("mixed") else {}
     metrics = {
         **result,
         "seed_mIoU": None if math.isnan(seed_miou) else seed_miou,  # no frame with an instrument: null, not NaN
         "seed_mIoU_note": SEED_MIOU_NOTE,
-        "model_directory": provenance.get("model_directory"), "checkpoint": provenance.get("checkpoint"),
+        "model_directory": single.get("model_directory"), "checkpoint": single.get("checkpoint"),
         "data_directory": str(args.data_directory), "split": args.split,
-        "inference": {k: v for k, v in provenance.items() if k not in ("model_directory", "checkpoint")} or None,
+        "inference": {k: v for k, v in provenance.items() if k not in ("model_directory", "checkpoint")} if single
+        else provenance,
+        "warnings": warnings,
         "background_only": background_only_score(ground_truth_directory, videos),
     }
     write_scores(metrics, predictions_directory)
@@ -386,7 +459,7 @@ def main(argv=None) -> int:
         # DataLoader workers re-raise with their traceback in the message: keep its last line.
         message = str(error).strip().splitlines()[-1]
         message = message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact_tokens(message)}", file=sys.stderr)
         return 1
     return 0
 

@@ -233,7 +233,7 @@ def test_test_time_options_run_and_all_frames_adds_the_unlabelled_ones(options_r
     result, model, data = options_run
     metrics = json.loads((model / "inference" / "metrics.json").read_text())
     assert metrics["inference"] == {"backbone": json.loads((model / "config.json").read_text())["backbone"],
-                                    "tta": "flip", "min_component_size": 20, "all_frames": True, "precision": "fp32"}
+                                    "split": "val", "tta": "flip", "min_component_size": 20, "all_frames": True, "precision": "fp32"}
     video = json.loads((model / "split.json").read_text())["val"][0]
     names = sorted(p.name for p in (data / "train" / video / "frames").glob("*.png"))
     assert "000000030.png" in names
