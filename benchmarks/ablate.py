@@ -24,10 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dataset import CLASS_NAMES  # noqa: E402
+from dataset import CLASS_NAMES, write_json_atomically  # noqa: E402
 from model import BACKBONE_TRAINING, BACKBONES, DEFAULT_BACKBONE  # noqa: E402
 
 THIN_CLASSES = ("suturing needle", "thread")
+SETTINGS_FILE = "ablation_settings.json"  # in each configuration's folder: the settings its results were made with
 DEMO_BANNER = "**demo data + tiny random backbone: these numbers show plumbing, not truth**"
 DEMO_TRAINING = ["--batch-size", "4", "--warmup-steps", "2", "--lr", "1e-3", "--head-lr", "3e-3"]
 
@@ -142,17 +143,57 @@ def training_command(args, config: dict, run: Path) -> list:
             *args.training_extra, *(["--resume"] if (run / "checkpoint.pt").is_file() else [])]
 
 
+def inference_command(args, config: dict, run: Path) -> list:
+    return [ROOT / "run_inference.py", "--data-directory", args.data_directory, "--model-directory", run,
+            "--split", "val", "--checkpoint", "last", "--num-workers", args.num_workers, "--backbone", config["backbone"]]
+
+
+def run_settings(args, config: dict, run: Path) -> dict:
+    """What a configuration's results depend on: its two commands, without --resume and the worker count."""
+    def settings(command):
+        tokens = [str(token) for token in command if token != "--resume"]
+        return {flag: value for flag, value in flags(tokens).items() if flag != "--num-workers"}
+    return {"training": settings(training_command(args, config, run)),
+            "inference": settings(inference_command(args, config, run))}
+
+
+def flags(tokens: list[str]) -> dict:
+    """{"--flag": "its values"} of a command (the script itself under "")."""
+    parsed, key = {}, ""
+    for token in tokens:
+        if token.startswith("--"):
+            key = token
+            parsed.setdefault(key, "")
+        else:
+            parsed[key] = f"{parsed.get(key, '')} {token}".strip()
+    return parsed
+
+
+def settings_change(run: Path, settings: dict) -> str | None:
+    """None if run/ is new or was made with these settings; else what differs."""
+    if not run.exists():
+        return None
+    try:
+        recorded = json.loads((run / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return "settings unknown (made by an earlier version, or the record is damaged)"
+    if recorded == settings:
+        return None
+    changes = [f"{flag} {old.get(flag, '(none)')} -> {new.get(flag, '(none)')}"
+               for part in ("training", "inference") for old, new in [(recorded.get(part, {}), settings[part])]
+               for flag in dict.fromkeys([*old, *new]) if old.get(flag) != new.get(flag)]
+    return "; ".join(dict.fromkeys(changes))
+
+
 def run_configuration(args, config: dict, run: Path) -> str:
     """Train and score one configuration in run/; 'ok', or what failed."""
     if (run / "inference" / "metrics.json").is_file():
         return "ok"
     run.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(run / SETTINGS_FILE, run_settings(args, config, run))
     if not run_logged(training_command(args, config, run), run / "train.log"):
         return f"training failed (see {run / 'train.log'})"
-    inference = [ROOT / "run_inference.py", "--data-directory", args.data_directory, "--model-directory", run,
-                 "--split", "val", "--checkpoint", "last", "--num-workers", args.num_workers,
-                 "--backbone", config["backbone"]]
-    if not run_logged(inference, run / "inference.log"):
+    if not run_logged(inference_command(args, config, run), run / "inference.log"):
         return f"inference failed (see {run / 'inference.log'})"
     return "ok"
 
@@ -233,6 +274,13 @@ def main(argv=None) -> int:
                            args.resolutions)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    runs = {configuration_name(config): run_settings(args, config, output / configuration_name(config)) for config in grid}
+    stale = {name: change for name, settings in runs.items() if (change := settings_change(output / name, settings))}
+    if stale:  # old scores are never shown under new settings
+        name, change = next(iter(stale.items()))
+        others = f" and {len(stale) - 1} more configurations were" if len(stale) > 1 else " was"
+        sys.exit(f"error: {output / name}{others} made with other settings ({change}): choose another "
+                 "--output-directory, or delete them to redo them")
     rows = []
     for k, config in enumerate(grid, 1):
         run = output / configuration_name(config)
