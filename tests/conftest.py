@@ -57,6 +57,15 @@ def background_scores(release: Path, videos: list[str]) -> dict:
                       for video in videos})
 
 
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory):
+    """A tiny randomly initialised DINOv3 (4 layers, hidden size 64) saved like a hub repository. Do not change it."""
+    from make_tiny_backbone import save_tiny_backbone
+    directory = tmp_path_factory.mktemp("backbone") / "tiny-dinov3"
+    save_tiny_backbone(directory)
+    return directory
+
+
 @pytest.fixture
 def release_copy(demo_release, tmp_path):
     destination = tmp_path / "sarrarp"

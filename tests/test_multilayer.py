@@ -11,15 +11,7 @@ import run_training
 from conftest import ROOT, background_scores, run_script
 from dataset import IGNORE_INDEX, NUM_CLASSES
 from losses import soft_dice_loss
-from make_tiny_backbone import save_tiny_backbone
 from model import HeadConfigError, MultiLayerHead, build_model, default_feature_layers, load_trained_model
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("backbone") / "tiny-dinov3"
-    save_tiny_backbone(directory)  # 4 layers, hidden size 64
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,6 @@ import ablate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("backbone") / "tiny-dinov3"
-    save_tiny_backbone(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def release(demo_release, tmp_path_factory):
     """Our own copy of the demo release (training caches mask statistics in it)."""
     destination = tmp_path_factory.mktemp("reliability") / "sarrarp"

@@ -17,13 +17,6 @@ from test_training import TRAIN, records, training_args
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("backbone") / "tiny-dinov3"
-    save_tiny_backbone(directory)
-    return directory
-
-
 def tiny_model(backbone, seed=0, **settings):
     torch.manual_seed(seed)
     return M.build_model(str(backbone), **settings)

@@ -11,17 +11,9 @@ from safetensors.torch import load_file
 
 import run_training
 from conftest import ROOT, background_scores, run_script
-from make_tiny_backbone import save_tiny_backbone
 
 TRAIN = ROOT / "run_training.py"
 SECRET = "hf_doNotLeakThisTokenAnywhere0123456789"
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("backbone") / "tiny-dinov3"
-    save_tiny_backbone(directory)
-    return directory
 
 
 def training_args(release, backbone, output, *extra):
