@@ -6,6 +6,7 @@ Images leave this module as uint8 RGB at training resolution (normalised on the 
 model: uint8 is 4x cheaper to pass between worker processes); masks stay at full resolution
 because logits are upsampled to the source resolution for the loss and the score.
 """
+import collections
 import json
 import os
 import random
@@ -317,6 +318,35 @@ def split_by_video(videos: list[str], val_fraction: float = 0.2, seed: int = 0,
     return train, val
 
 
+FOLD_DRAWS = 200  # seeded orders tried by fold_groups; the most even division wins
+
+
+def fold_groups(frames_per_video: dict[str, int], folds: int, seed: int = 0) -> list[list[str]]:
+    """The videos divided into `folds` validation groups by operation (parts stay together), of about equal frame
+    counts: of FOLD_DRAWS orders drawn from seed, in each of which every operation joins the group with the fewest
+    frames so far, the one with the smallest gap between the largest and the smallest group."""
+    frames_per_operation = collections.Counter()
+    for video, frames in frames_per_video.items():
+        frames_per_operation[operation_name(video)] += frames
+    if folds < 2:
+        raise DataError(f"--folds must be at least 2, got {folds}")
+    if len(frames_per_operation) < folds:
+        raise DataError(f"--folds {folds} needs at least {folds} operations, the data has {len(frames_per_operation)}")
+    generator, best = random.Random(seed), None
+    for _ in range(FOLD_DRAWS):
+        operations = sorted(frames_per_operation)
+        generator.shuffle(operations)
+        groups, totals = [[] for _ in range(folds)], [0] * folds
+        for operation in operations:
+            lightest = min(range(folds), key=lambda g: (totals[g], g))
+            groups[lightest].append(operation)
+            totals[lightest] += frames_per_operation[operation]
+        if best is None or max(totals) - min(totals) < best[0]:
+            best = max(totals) - min(totals), groups
+    group_of = {operation: g for g, group in enumerate(best[1]) for operation in group}
+    return [sorted(v for v in frames_per_video if group_of[operation_name(v)] == g) for g in range(folds)]
+
+
 CLASS_WEIGHTS = {  # name: (formula, weights of the per-class pixel frequencies f over the training split)
     "enet": ("w = 1 / ln(1.02 + f) (ENet, Paszke et al. 2016): rare classes weigh more, at most 1/ln(1.02) = 50.5",
              lambda f: 1.0 / np.log(1.02 + f)),
@@ -383,6 +413,13 @@ def cached_frame_path(image: Path, content_size: tuple[int, int]) -> Path:
     return image.parent.parent / f"frames_{width}x{height}" / (image.stem + ".jpg")
 
 
+def scale_image(frame: np.ndarray, content_size: tuple[int, int]) -> np.ndarray:
+    """A full-resolution frame at content_size=(h, w), as training sees it: area-averaged down, linear up."""
+    height, width = content_size
+    interpolation = cv2.INTER_AREA if height < frame.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(frame, (width, height), interpolation=interpolation)
+
+
 def read_scaled_image(image: Path, content_size: tuple[int, int], use_cache: bool) -> np.ndarray:
     """The frame resized to training resolution, from the pre-scaled JPEG cache when asked.
 
@@ -394,10 +431,7 @@ def read_scaled_image(image: Path, content_size: tuple[int, int], use_cache: boo
         scaled = cv2.imread(str(cached), cv2.IMREAD_COLOR)
         if scaled is not None:
             return cv2.cvtColor(scaled, cv2.COLOR_BGR2RGB)
-    full = read_image(image)
-    height, width = content_size
-    interpolation = cv2.INTER_AREA if height < full.shape[0] else cv2.INTER_LINEAR
-    scaled = cv2.resize(full, (width, height), interpolation=interpolation)
+    scaled = scale_image(read_image(image), content_size)
     if use_cache:
         cached.parent.mkdir(exist_ok=True)
         write_image_atomically(cached, cv2.cvtColor(scaled, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])

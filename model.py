@@ -1,5 +1,6 @@
 """DINOv3 ViT backbone (frozen, LoRA-adapted or fully trained) and a segmentation head (the seed's pixel MLP,
 a per-patch MLP, or a multi-layer upsampler)."""
+import argparse
 import contextlib
 import json
 import os
@@ -52,6 +53,13 @@ TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 def redact_tokens(text: str) -> str:
     """text with anything that looks like a Hugging Face token masked: no message ever shows one."""
     return TOKEN_PATTERN.sub("hf_***", text)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad argument is one line (not the whole usage block): the error and where to look."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {redact_tokens(message)} (see --help)\n")
 
 
 def read_token_file(path: str, label: str) -> str | None:

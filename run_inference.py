@@ -3,6 +3,8 @@
     python run_inference.py --data-directory sarrarp --model-directory trained-models [--split test|val]
     python run_inference.py --eval-only                   re-score MODEL/inference; loads no model
     python run_inference.py --predictions-directory DIR   score any prediction folder in the official layout
+    python run_inference.py --model-directory A B C --output ensemble --tta flip --tta-scales 0.75 1 1.25
+                                                          an ensemble with test-time augmentation
 
 Predictions go to MODEL/inference/video_XX/segmentation/<mask name>.png: 8-bit class ids at the source size,
 the layout the official toolkit reads. Pictures (frame | prediction | ground truth) go to
@@ -19,6 +21,7 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -30,7 +33,8 @@ from tqdm import tqdm
 
 import dataset as D
 from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, read_label_png, summarize
-from model import BackboneError, ModelDirectoryError, load_trained_model, redact_tokens, resolve_hf_token
+from model import (BackboneError, ModelDirectoryError, OneLineErrorParser, load_trained_model, read_model_config,
+                   redact_tokens, resolve_hf_token)
 
 NO_DATA_HINT = "see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh"
 THIN_CLASSES = ("suturing needle", "thread")
@@ -60,9 +64,13 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)")
-    parser.add_argument("--model-directory", default="trained-models", help="output directory of run_training.py (default: %(default)s)")
+    parser.add_argument("--model-directory", nargs="+", default=["trained-models"], metavar="MODEL",
+                        help="output directory of run_training.py; several: an ensemble averaging their softmax at the "
+                             "source resolution (they may differ in head, resolution and backbone) (default: %(default)s)")
+    parser.add_argument("--output", metavar="DIR",
+                        help="prediction folder (default: MODEL/inference; an ensemble needs one)")
     parser.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which saved weights to use (default: %(default)s)")
     parser.add_argument("--split", choices=["test", "val"], default="test",
                         help="test: the videos in DATA/test; val: the videos listed under 'val' in MODEL/split.json, "
@@ -76,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)")
     parser.add_argument("--tta", choices=["none", "flip"], default="none",
                         help="flip: average the softmax of each frame and of its mirror image (default: %(default)s)")
+    parser.add_argument("--tta-scales", nargs="+", type=float, default=[1.0], metavar="S",
+                        help="also average over the frame resized to S x each model's training resolution (padded to "
+                             "multiples of 16), e.g. 0.75 1 1.25 (default: 1)")
     parser.add_argument("--min-component-size", type=int, default=0,
                         help="relabel connected blobs of a class smaller than this many pixels with the label around them (default: 0, off)")
     parser.add_argument("--all-frames", action="store_true", help="also predict every extracted frame that has no ground-truth mask")
@@ -87,19 +98,41 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--min-component-size must be 0 or more")
     if args.num_workers < 0:
         parser.error("--num-workers must be 0 or more")
+    if not all(0 < scale < math.inf for scale in args.tta_scales):
+        parser.error(f"--tta-scales must be positive numbers, got {' '.join(map(str, args.tta_scales))}")
+    ensemble = len(args.model_directory) > 1
+    if ensemble and args.backbone:
+        parser.error("--backbone replaces the backbone of one model: give one --model-directory with it")
+    if ensemble and not (args.output or args.predictions_directory):
+        parser.error("an ensemble's predictions belong to no one model directory: give --output DIR")
     return args
 
 
 # ----------------------------------------------------------------------------- data
 
-def split_video_dirs(data_directory: Path, model_directory: Path, split: str) -> tuple[Path, list[Path]]:
-    """(folder holding the split's videos, the split's video folders): DATA/test, or split.json's val videos in DATA/train."""
+def split_video_dirs(data_directory: Path, model_directories: list[Path], split: str) -> tuple[Path, list[Path]]:
+    """(folder holding the split's videos, the split's video folders): DATA/test, or the val videos of the models'
+    split.json (the same for every model) in DATA/train."""
     root = data_directory / ("test" if split == "test" else "train")
     found = D.find_video_dirs(root) if root.is_dir() else []
     if split == "test":
         if not found:
             raise D.DataError(f"no test videos in {root}: {NO_DATA_HINT}")
         return root, found
+    splits = {directory: validation_videos(directory) for directory in model_directories}
+    if len({tuple(videos) for videos in splits.values()}) > 1:
+        raise D.DataError("--split val: the models validate on different videos (see their split.json); to score "
+                          "cross-validation folds out of fold use scripts/cross_validate.py score")
+    val_videos = next(iter(splits.values()))
+    by_name = {video_dir.name: video_dir for video_dir in found}
+    absent = [video for video in val_videos if video not in by_name]
+    if absent:
+        raise D.DataError(f"validation videos {', '.join(absent)} (from {model_directories[0] / 'split.json'}) are not "
+                          f"in {root}: {NO_DATA_HINT}")
+    return root, [by_name[video] for video in val_videos]
+
+
+def validation_videos(model_directory: Path) -> list[str]:
     split_file = model_directory / "split.json"
     if not split_file.is_file():
         raise D.DataError(f"{split_file} does not exist: --split val needs the model directory of the run that chose the split")
@@ -109,11 +142,7 @@ def split_video_dirs(data_directory: Path, model_directory: Path, split: str) ->
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise D.DataError(f"{split_file} is damaged or edited (it needs a 'val' list of video names): restore it "
                           "from the training run") from None
-    by_name = {video_dir.name: video_dir for video_dir in found}
-    absent = [video for video in val_videos if video not in by_name]
-    if absent:
-        raise D.DataError(f"validation videos {', '.join(absent)} (from {split_file}) are not in {root}: {NO_DATA_HINT}")
-    return root, [by_name[video] for video in val_videos]
+    return val_videos
 
 
 def unlabelled_frames(video_dir: Path) -> list[Path]:
@@ -124,35 +153,73 @@ def unlabelled_frames(video_dir: Path) -> list[Path]:
 
 
 class FrameDataset(torch.utils.data.Dataset):
-    """uint8 (3, h, w) frames scaled to the training resolution exactly as in training (no JPEG cache)."""
+    """Each frame as uint8 (3, h, w) tensors, one per content size (h, w), scaled exactly as in training (no JPEG cache)."""
 
-    def __init__(self, paths: list[Path], content_size: tuple[int, int]):
-        self.paths, self.content_size = paths, content_size
+    def __init__(self, paths: list[Path], content_sizes: list[tuple[int, int]]):
+        self.paths, self.content_sizes = paths, content_sizes
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(D.read_scaled_image(self.paths[index], self.content_size, use_cache=False)).permute(2, 0, 1)
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        frame = D.read_image(self.paths[index])
+        return [torch.from_numpy(D.scale_image(frame, size)).permute(2, 0, 1) for size in self.content_sizes]
 
 
 # ----------------------------------------------------------------------------- prediction
 
+@dataclass
+class Pass:
+    """One forward pass of test-time inference: a model on the frame at one size, mirrored or not."""
+    model: torch.nn.Module
+    size_index: int  # which of the batch's scaled copies of the frame it reads
+    content_size: tuple[int, int]
+    padded_size: tuple[int, int]
+    flip: bool
+
+
+def inference_passes(members, source_size, tta: str, scales) -> tuple[list[tuple[int, int]], list[Pass]]:
+    """(the content sizes a batch needs, every pass): for each model (model, config.json) and each scale, the frame at
+    scale x the model's training resolution, padded bottom/right to multiples of 16 as in training; with flip TTA, also
+    mirrored. Scale 1 is exactly the training size."""
+    sizes, passes = [], []
+    for model, config in members:
+        for scale in scales:
+            content_size, padded_size = D.training_size(source_size, config["resolution"]["scale"] * scale)
+            if content_size not in sizes:
+                sizes.append(content_size)
+            for flip in (False, True) if tta == "flip" else (False,):
+                passes.append(Pass(model, sizes.index(content_size), content_size, padded_size, flip))
+    return sizes, passes
+
+
+def pass_logits(step: Pass, inputs, source_size, autocast) -> torch.Tensor:
+    """(B, C, H, W) logits at the source size; a mirrored pass mirrors the content before padding (so it stays
+    top-left, as in training) and mirrors the answer back."""
+    images = inputs[step.size_index].flip(3) if step.flip else inputs[step.size_index]
+    padding = (0, step.padded_size[1] - step.content_size[1], 0, step.padded_size[0] - step.content_size[0])
+    with autocast():
+        logits = step.model(F.pad(images, padding), source_size, step.content_size)
+    return logits.flip(3) if step.flip else logits
+
+
 @torch.no_grad()
-def predict(model, images, source_size, padded_size, autocast, tta="none") -> torch.Tensor:
-    """(B, H, W) uint8 class ids at the source size for (B, 3, h, w) uint8 frames at the training resolution."""
-    content_size = tuple(images.shape[2:])
-    padding = (0, padded_size[1] - content_size[1], 0, padded_size[0] - content_size[0])  # bottom/right, as in training
+def mean_probabilities(passes, inputs, source_size, autocast) -> torch.Tensor:
+    """(B, C, H, W) softmax at the source size, averaged over the passes; holds one pass's besides the running sum."""
+    total = None
+    for step in passes:
+        probabilities = pass_logits(step, inputs, source_size, autocast).float().softmax(1)
+        total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(passes))
 
-    def logits(batch):
-        with autocast():
-            return model(F.pad(batch, padding), source_size, content_size)
 
-    if tta == "none":
-        return logits(images).argmax(1).to(torch.uint8)
-    # Mirror the frame before padding, so the content stays top-left, and mirror the answer back.
-    probabilities = logits(images).float().softmax(1) + logits(images.flip(3)).float().softmax(1).flip(3)
-    return probabilities.argmax(1).to(torch.uint8)
+@torch.no_grad()
+def predict(passes, inputs, source_size, autocast) -> torch.Tensor:
+    """(B, H, W) uint8 class ids at the source size for inputs, the batch's uint8 (B, 3, h, w) frames at each content
+    size of inference_passes: the argmax of the mean softmax; with a single pass, of its logits."""
+    if len(passes) == 1:
+        return pass_logits(passes[0], inputs, source_size, autocast).argmax(1).to(torch.uint8)
+    return mean_probabilities(passes, inputs, source_size, autocast).argmax(1).to(torch.uint8)
 
 
 def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -193,29 +260,57 @@ def list_frames(video_dirs: list[Path], data_directory: Path, all_frames: bool):
     return frames, source_size
 
 
-def predict_frames(args, model, config, frames, source_size, predictions_directory: Path) -> None:
+def load_members(args) -> list[tuple[torch.nn.Module, dict]]:
+    """(model, config.json) of every --model-directory; each must predict the SAR-RARP50 classes in their order
+    (checked for all before any backbone loads)."""
+    for directory in args.model_directory:
+        config_path = Path(directory) / "config.json"
+        names = read_model_config(config_path).get("class_names", list(D.CLASS_NAMES)) if config_path.is_file() else None
+        if names not in (None, list(D.CLASS_NAMES)):
+            raise ModelDirectoryError(f"{directory} predicts other classes ({', '.join(map(str, names))}) than the "
+                                      f"{D.NUM_CLASSES} of SAR-RARP50: it cannot be scored or ensembled here")
+    token = resolve_hf_token(args.hf_token_file)
+    return [load_trained_model(directory, args.checkpoint, args.backbone, token) for directory in args.model_directory]
+
+
+def inference_record(args, members, precision: str) -> dict:
+    """predicted_with.json's record of how a video was predicted; an ensemble's lists every member."""
+    described = [{"model_directory": str(directory), "backbone": args.backbone or config["backbone"],
+                  "head": config["head"]["type"], "resolution": config["resolution"]["name"]}
+                 for directory, (_, config) in zip(args.model_directory, members)]
+    one = len(described) == 1
+    return {"model_directory": described[0]["model_directory"] if one else [m["model_directory"] for m in described],
+            "checkpoint": args.checkpoint, "split": args.split,
+            "backbone": described[0]["backbone"] if one else [m["backbone"] for m in described],
+            "members": described, "tta": args.tta, "tta_scales": args.tta_scales,
+            "min_component_size": args.min_component_size, "all_frames": args.all_frames, "precision": precision}
+
+
+def predict_frames(args, members, frames, source_size, predictions_directory: Path) -> None:
     """Write every frame's prediction (and picture) under predictions_directory/VIDEO/, then how they were made."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    content_size, padded_size = D.training_size(source_size, config["resolution"]["scale"])
-    if list(source_size) != config["resolution"]["source_size"]:
-        print(f"note: frames are {source_size[1]}x{source_size[0]}, the model was trained on "
-              f"{config['resolution']['source_size'][1]}x{config['resolution']['source_size'][0]}; "
-              f"predicting at the same scale ({config['resolution']['name']} resolution)")
+    for directory, (model, config) in zip(args.model_directory, members):
+        model.to(device)
+        if list(source_size) != config["resolution"]["source_size"]:
+            trained = config["resolution"]["source_size"]
+            print(f"note: frames are {source_size[1]}x{source_size[0]}, {directory} was trained on {trained[1]}x"
+                  f"{trained[0]}; predicting at the same scale ({config['resolution']['name']} resolution)")
+    sizes, passes = inference_passes(members, source_size, args.tta, args.tta_scales)
     precision = args.precision or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
     videos = sorted({video for video, _, _ in frames})
     forget_predictions(predictions_directory, videos)
-    loader = DataLoader(FrameDataset([frame for _, frame, _ in frames], content_size), batch_size=args.batch_size,
+    loader = DataLoader(FrameDataset([frame for _, frame, _ in frames], sizes), batch_size=args.batch_size,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     writers = min(8, os.cpu_count() or 1)
-    progress = tqdm(total=len(frames), desc="predicting", unit="frame")
+    progress = tqdm(total=len(frames), desc="predicting" + (f" ({len(passes)} passes a frame)" if len(passes) > 1 else ""),
+                    unit="frame")
     with ThreadPoolExecutor(writers) as pool:  # PNG encoding and pictures overlap with the model
         pending, done = collections.deque(), 0
-        for images in loader:
-            labels = predict(model, images.to(device, non_blocking=True), source_size, padded_size, autocast, args.tta)
+        for inputs in loader:
+            labels = predict(passes, [x.to(device, non_blocking=True) for x in inputs], source_size, autocast)
             for (video, frame, mask), frame_labels in zip(frames[done:done + len(labels)], labels.cpu().numpy()):
                 pending.append(pool.submit(save_frame_outputs, frame_labels, frame, mask,
                                            predictions_directory / video, args.min_component_size))
@@ -226,9 +321,7 @@ def predict_frames(args, model, config, frames, source_size, predictions_directo
         for job in pending:
             job.result()
     progress.close()
-    settings = {"model_directory": str(args.model_directory), "checkpoint": args.checkpoint, "split": args.split,
-                "backbone": args.backbone or config["backbone"], "tta": args.tta,
-                "min_component_size": args.min_component_size, "all_frames": args.all_frames, "precision": precision}
+    settings = inference_record(args, members, precision)
     write_provenance(predictions_directory, {**read_provenance(predictions_directory),
                                              **{video: settings for video in videos}})
 
@@ -261,7 +354,7 @@ def forget_predictions(directory: Path, videos: list[str]) -> None:
                 old.unlink()
 
 
-def provenance_of(directory: Path, videos: list[str]) -> tuple[dict | None, list[str]]:
+def provenance_of(directory: Path, videos: list[str], one_run: bool = True) -> tuple[dict | None, list[str]]:
     """(how the predictions of these videos were made, one record if one run made them all, else
     {"mixed": True, "videos": ...}; None if none is recorded), and warnings about videos without a record or a mix."""
     recorded = read_provenance(directory)
@@ -271,8 +364,9 @@ def provenance_of(directory: Path, videos: list[str]) -> tuple[dict | None, list
                 "made: they may come from a run that did not finish, or another tool"] if unknown else []
     runs = {json.dumps(record, sort_keys=True) for record in known.values()}
     if len(runs) > 1:
-        warnings.append(f"the predictions in {directory} come from {len(runs)} different runs (see predicted_with.json): "
-                        "the score mixes them; predict every video with one run to score one model")
+        if one_run:
+            warnings.append(f"the predictions in {directory} come from {len(runs)} different runs (see "
+                            "predicted_with.json): the score mixes them; predict every video with one run to score one model")
         return {"mixed": True, "videos": known}, warnings
     return (next(iter(known.values())) if known else None), warnings
 
@@ -409,25 +503,23 @@ def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
         print(f"visualisations: {directory}/video_*/visualisations/")
 
 
-def run(args) -> None:
-    model_directory = Path(args.model_directory)
-    ground_truth_directory, video_dirs = split_video_dirs(Path(args.data_directory), model_directory, args.split)
-    predictions_directory = Path(args.predictions_directory) if args.predictions_directory else model_directory / "inference"
-    predicting = not (args.eval_only or args.predictions_directory)
-    if predicting:  # every check before anything on disk changes
-        frames, source_size = list_frames(video_dirs, Path(args.data_directory), args.all_frames)
-        model, config = load_trained_model(model_directory, args.checkpoint, args.backbone, resolve_hf_token(args.hf_token_file))
-        predictions_directory.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:  # stale scores never outlive the predictions they describe
-            (predictions_directory / name).unlink(missing_ok=True)
-        predict_frames(args, model, config, frames, source_size, predictions_directory)
-    elif not predictions_directory.is_dir():
-        raise D.DataError(f"{predictions_directory} does not exist" + ("" if args.predictions_directory else
-                          ": run without --eval-only first to make predictions"))
-    check_outputs_are_ours(predictions_directory, predicting)
-    videos = [video_dir.name for video_dir in video_dirs]
+def predict_videos(args, video_dirs: list[Path], predictions_directory: Path) -> None:
+    """Predict the ground-truth frames of these videos (every extracted frame with --all-frames) into the folder."""
+    frames, source_size = list_frames(video_dirs, Path(args.data_directory), args.all_frames)
+    members = load_members(args)  # every check before anything on disk changes
+    predictions_directory.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # stale scores never outlive the predictions they describe
+        (predictions_directory / name).unlink(missing_ok=True)
+    predict_frames(args, members, frames, source_size, predictions_directory)
+
+
+def score_predictions(args, ground_truth_directory: Path, videos: list[str], predictions_directory: Path,
+                      predicted_here: bool, one_run: bool = True) -> dict:
+    """Score the folder's predictions of these videos, write metrics.json and the other outputs, print the table.
+    one_run=False: the videos were predicted by different runs on purpose (cross-validation folds)."""
+    check_outputs_are_ours(predictions_directory, predicted_here)
     result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos)
-    provenance, warnings = provenance_of(predictions_directory, videos)
+    provenance, warnings = provenance_of(predictions_directory, videos, one_run)
     if result["colour_predictions"]:
         warnings.append(f"{len(result['colour_predictions'])} prediction PNGs have colour channels (e.g. "
                         f"{result['colour_predictions'][0]}): scored as the official toolkit reads them, as channel 0 "
@@ -448,7 +540,22 @@ def run(args) -> None:
         "background_only": background_only_score(ground_truth_directory, videos),
     }
     write_scores(metrics, predictions_directory)
-    print_report(metrics, predictions_directory, pictured=predicting)
+    print_report(metrics, predictions_directory, pictured=predicted_here)
+    return metrics
+
+
+def run(args) -> None:
+    model_directories = [Path(directory) for directory in args.model_directory]
+    ground_truth_directory, video_dirs = split_video_dirs(Path(args.data_directory), model_directories, args.split)
+    predictions_directory = Path(args.predictions_directory or args.output or model_directories[0] / "inference")
+    predicting = not (args.eval_only or args.predictions_directory)
+    if predicting:
+        predict_videos(args, video_dirs, predictions_directory)
+    elif not predictions_directory.is_dir():
+        raise D.DataError(f"{predictions_directory} does not exist" + ("" if args.predictions_directory else
+                          ": run without --eval-only first to make predictions"))
+    score_predictions(args, ground_truth_directory, [video_dir.name for video_dir in video_dirs], predictions_directory,
+                      predicting)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ One process:  python run_training.py --data-directory sarrarp --output-directory
 Many GPUs:    torchrun --nproc_per_node 4 run_training.py ...   (DDP; only rank 0 writes and prints)
 """
 import argparse
+import collections
 import contextlib
 import errno
 import fcntl
@@ -31,8 +32,8 @@ import dataset as D
 from losses import LOSSES, soft_dice_loss, weighted_cross_entropy
 from metrics import frame_record, summarize
 from model import (BACKBONE_DTYPES, BACKBONE_TRAINING, BACKBONES, CONFIG_VERSION, DEFAULT_BACKBONE, HEAD_TYPES,
-                   LORA_TARGET_MODULES, BackboneError, HeadConfigError, build_model, count_parameters, parameter_bytes,
-                   redact_tokens, resolve_backbone, resolve_hf_token, save_trainable_weights, trainable_state_dict)
+                   LORA_TARGET_MODULES, BackboneError, HeadConfigError, OneLineErrorParser, build_model, count_parameters,
+                   parameter_bytes, redact_tokens, resolve_backbone, resolve_hf_token, save_trainable_weights, trainable_state_dict)
 
 # Arguments a resumed run may change; any other change would silently break the schedule, the data
 # order or the model (e.g. a new batch size shifts where the epoch resumes).
@@ -53,13 +54,6 @@ def layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers, e.g. 3,6,9,12") from None
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A bad argument is one line (not the whole usage block): the error and where to look."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {redact_tokens(message)} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE",
@@ -73,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--low-res", action="store_true", help="alias for --resolution quarter (the design's flag)")
     data.add_argument("--val-fraction", type=float, default=0.2, help="share of operations held out for validation (default: %(default)s)")
     data.add_argument("--val-videos", nargs="+", metavar="VIDEO", help="validation videos instead of a random split, e.g. video_03 video_11_1")
+    data.add_argument("--folds", type=int, metavar="K",
+                      help="cross-validation: divide the operations into K groups of about equal frame count (by "
+                           "--seed) and validate on group --fold; scripts/cross_validate.py trains every fold")
+    data.add_argument("--fold", type=int, metavar="I", help="with --folds: the 0-based group to validate on")
     data.add_argument("--augmentation", choices=D.AUGMENTATIONS, default="default",
                       help="default: flip, affine (p 0.7), colour jitter, gamma, blur/noise; seed: the design we start "
                            "from's flip, affine (always; scale 0.7-1.3, shift 20%%, shear 10) and colour jitter (default: %(default)s)")
@@ -202,6 +200,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--max-steps must be at least 1")
     if not 0 < args.val_fraction < 1:
         parser.error("--val-fraction must be between 0 and 1")
+    if args.folds is not None:
+        if args.folds < 2:
+            parser.error(f"--folds must be at least 2, got {args.folds}")
+        if args.fold is None or not 0 <= args.fold < args.folds:
+            parser.error(f"--folds {args.folds} needs --fold 0..{args.folds - 1} (the group to validate on), got "
+                         f"{args.fold}; scripts/cross_validate.py train trains every fold")
+        if args.val_videos:
+            parser.error("--val-videos and --folds both choose the validation videos: give one")
+    elif args.fold is not None:
+        parser.error("--fold needs --folds K")
     if not 0 < args.layer_decay <= 1:
         parser.error("--layer-decay must be in (0, 1]")
     if args.head_hidden is not None and args.head_hidden < 1:
@@ -278,13 +286,14 @@ def prepare_data(args, rank: int, world: int, device):
     if rank != 0:
         scanned = D.scan_samples(samples, statistics_file, skip_bad=args.skip_bad_samples)
     samples, pixel_counts, source_size = scanned
-    train_videos, val_videos = D.split_by_video([s.video for s in samples], args.val_fraction, args.seed, args.val_videos)
-    is_train = np.array([s.video in set(train_videos) for s in samples])
+    split = choose_split(args, collections.Counter(s.video for s in samples))
+    train_videos = set(split["train"])
+    is_train = np.array([s.video in train_videos for s in samples])
     totals = pixel_counts[is_train].sum(0)
     frequencies = totals / totals.sum()
     weights = D.class_weights_from_frequencies(frequencies, args.class_weights)
     records = {
-        "split.json": {"train": train_videos, "val": val_videos},
+        "split.json": split,
         "class_weights.json": {
             "formula": D.CLASS_WEIGHTS[args.class_weights][0] + "; f = pixel frequency of the class over the training split",
             "classes": {name: {"frequency": float(f), "weight": float(w)}
@@ -294,6 +303,16 @@ def prepare_data(args, rank: int, world: int, device):
     val_samples = [s for s, t in zip(samples, is_train) if not t]
     return (train_samples, val_samples, source_size, torch.tensor(weights, dtype=torch.float32), records,
             data_fingerprint(samples, pixel_counts))
+
+
+def choose_split(args, frames_per_video: dict[str, int]) -> dict:
+    """split.json: the training and validation videos and, with --folds, the fold and every fold's group."""
+    if args.folds is None:
+        train, val = D.split_by_video(list(frames_per_video), args.val_fraction, args.seed, args.val_videos)
+        return {"train": train, "val": val}
+    groups = D.fold_groups(frames_per_video, args.folds, args.seed)
+    train = sorted(video for g, group in enumerate(groups) if g != args.fold for video in group)
+    return {"train": train, "val": groups[args.fold], "folds": args.folds, "fold": args.fold, "fold_groups": groups}
 
 
 def logged_step(line: str) -> float:

@@ -232,8 +232,11 @@ def test_split_val_predicts_and_scores_exactly_the_validation_videos(options_run
 def test_test_time_options_run_and_all_frames_adds_the_unlabelled_ones(options_run):
     result, model, data = options_run
     metrics = json.loads((model / "inference" / "metrics.json").read_text())
-    assert metrics["inference"] == {"backbone": json.loads((model / "config.json").read_text())["backbone"],
-                                    "split": "val", "tta": "flip", "min_component_size": 20, "all_frames": True, "precision": "fp32"}
+    backbone = json.loads((model / "config.json").read_text())["backbone"]
+    assert metrics["inference"] == {
+        "backbone": backbone, "split": "val", "tta": "flip", "tta_scales": [1.0], "min_component_size": 20,
+        "all_frames": True, "precision": "fp32",
+        "members": [{"model_directory": str(model), "backbone": backbone, "head": "mlp", "resolution": "quarter"}]}
     video = json.loads((model / "split.json").read_text())["val"][0]
     names = sorted(p.name for p in (data / "train" / video / "frames").glob("*.png"))
     assert "000000030.png" in names

@@ -86,7 +86,7 @@ def test_video_folders_that_are_symbolic_links_are_extracted_trained_on_and_scor
     assert (elsewhere / "video_02" / "frames" / "000000060.png").is_file()
     assert "video_02" in [v.name for v in D.find_video_dirs(data / "train")]
     assert [s.video for s in D.find_samples(D.find_video_dirs(data / "train"))].count("video_02") == 3
-    _, test_videos = run_inference.split_video_dirs(data, tmp_path, "test")
+    _, test_videos = run_inference.split_video_dirs(data, [tmp_path], "test")
     assert [v.name for v in test_videos] == ["video_41", "video_42"]
 
 
