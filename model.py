@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, PreTrainedConfig
 
+from backbone_files import WeightFileError, is_weight_file, load_weight_file
 from dataset import NUM_CLASSES, PATCH_SIZE, first_line, partial_path
 
 # peft 0.21 calls transformers' deprecated is_gradient_checkpointing: noise that tells a user nothing.
@@ -147,6 +148,10 @@ def resolve_backbone(name_or_path) -> str:
     name_or_path = str(name_or_path)
     if name_or_path in BACKBONES:
         return BACKBONES[name_or_path]
+    if is_weight_file(name_or_path):
+        if not os.path.isfile(name_or_path):
+            raise BackboneError(f"backbone file {name_or_path} does not exist")
+        return os.path.abspath(name_or_path)  # config.json must find it again from any working directory
     if "/" not in name_or_path and not os.path.exists(name_or_path):
         raise BackboneError(f"unknown backbone {name_or_path!r}: give a hub id, a local directory, or one of "
                             f"{', '.join(BACKBONES)}")
@@ -177,7 +182,13 @@ def _from_pretrained(name_or_path, token, attn_implementation, local_files_only,
 
 def load_backbone(name_or_path: str, token: str | None = None, attn_implementation: str = "sdpa",
                   dtype: torch.dtype = torch.float32) -> DINOv3ViTModel:
-    """A DINOv3 ViT from a save_pretrained directory or a hub id (local cache first, then the hub), in dtype."""
+    """A DINOv3 ViT from a save_pretrained directory, a hub id (local cache first, then the hub) or a weight file in
+    Meta's or timm's naming, in dtype."""
+    if is_weight_file(name_or_path) and os.path.isfile(name_or_path):
+        try:
+            return load_weight_file(name_or_path, attn_implementation, dtype)
+        except WeightFileError as error:
+            raise BackboneError(str(error)) from None
     if not _is_hub_id(name_or_path):
         if not os.path.isdir(name_or_path):
             raise BackboneError(f"backbone directory {name_or_path} does not exist: pass a DINOv3 directory or hub id")
@@ -408,16 +419,17 @@ class SegmentationModel(nn.Module):
 
 def build_model(backbone_name_or_path, token=None, backbone_training="lora", lora_rank=16, lora_alpha=32,
                 lora_dropout=0.1, lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False,
-                attn_implementation="sdpa", backbone_dtype="float32") -> SegmentationModel:
+                attn_implementation="sdpa", backbone_dtype="float32", normalization=None) -> SegmentationModel:
     """head: config.json's "head" settings (the seed's pixel MLP if None); backbone_dtype: float32 or bfloat16
-    (frozen weights only: full training needs float32 weights)."""
+    (frozen weights only: full training needs float32 weights); normalization: (mean, std) on a 0..1 scale, else
+    the backbone's preprocessor_config.json, else ImageNet's (DINOv3's)."""
     if backbone_dtype not in BACKBONE_DTYPES:
         raise HeadConfigError(f"unknown backbone dtype {backbone_dtype!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
     if backbone_training == "full" and backbone_dtype != "float32":
         raise HeadConfigError("full fine-tuning trains every backbone weight, which needs --backbone-dtype float32")
     name_or_path = resolve_backbone(backbone_name_or_path)
     backbone = load_backbone(name_or_path, token, attn_implementation, BACKBONE_DTYPES[backbone_dtype])
-    mean, std = backbone_normalization(name_or_path, token)
+    mean, std = normalization or backbone_normalization(name_or_path, token)
     return SegmentationModel(
         backbone, mean, std, backbone_training=backbone_training, lora_rank=lora_rank, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, head=head,
@@ -512,7 +524,7 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
     """(model in eval mode, config.json) rebuilt from a run_training.py output directory and its best/ or last/ weights.
 
     backbone overrides the config's backbone (e.g. a local copy of the hub checkpoint); the normalisation
-    is the one training used, read from config.json.
+    is the one training used, read from config.json, whatever the backbone's own preprocessor says.
     """
     config_path = os.path.join(model_directory, "config.json")
     weights_path = os.path.join(model_directory, checkpoint, "weights.safetensors")
@@ -531,7 +543,8 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
     model_settings = dict(backbone_training=config.get("backbone_training", "lora"),
                           backbone_dtype=config.get("backbone_dtype", "float32"), lora_rank=lora["rank"],
                           lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                          lora_target_modules=lora["target_modules"], head=head)
+                          lora_target_modules=lora["target_modules"], head=head,
+                          normalization=(normalization["mean"], normalization["std"]))
     try:
         model = build_model(backbone, token, **model_settings)
     except HeadConfigError as error:
@@ -540,7 +553,4 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
         load_trainable_weights(model, weights_path)
     except ValueError as error:
         raise ModelDirectoryError(str(error)) from None
-    with torch.no_grad():
-        model.mean.copy_(torch.tensor(normalization["mean"]).view(1, 3, 1, 1))
-        model.std.copy_(torch.tensor(normalization["std"]).view(1, 3, 1, 1))
     return model.eval(), config

@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="score this prediction folder (official layout) instead, without a model; the scores are written into it")
     parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="frame loading processes (default: %(default)s)")
-    parser.add_argument("--backbone", help="hub id or local directory to use instead of the backbone named in config.json")
+    parser.add_argument("--backbone", help="hub id, local directory or weight file to use instead of the backbone named in config.json")
     parser.add_argument("--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)")
     parser.add_argument("--tta", choices=["none", "flip"], default="none",
                         help="flip: average the softmax of each frame and of its mirror image (default: %(default)s)")

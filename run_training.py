@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import dataset as D
+from backbone_files import architecture
 from losses import LOSSES, soft_dice_loss, weighted_cross_entropy
 from metrics import frame_record, summarize
 from model import (BACKBONE_DTYPES, BACKBONE_TRAINING, BACKBONES, CONFIG_VERSION, DEFAULT_BACKBONE, HEAD_TYPES,
@@ -80,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                       help=f"short name ({', '.join(BACKBONES)}), hub id or local directory saved with save_pretrained "
-                            "(default: %(default)s)")
+                       help=f"short name ({', '.join(BACKBONES)}), hub id, local directory saved with save_pretrained, "
+                            "or a .pth/.safetensors file in Meta's or timm's naming (default: %(default)s)")
+    model.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                       help="normalisation mean on a 0..1 scale (default: the backbone's preprocessor_config.json, "
+                            "else ImageNet's, which DINOv3 was trained with)")
+    model.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (as --image-mean)")
     model.add_argument("--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)")
     model.add_argument("--backbone-training", choices=BACKBONE_TRAINING, default="lora",
                        help="frozen: only the head trains; lora: LoRA adapters and the head; full: every backbone "
@@ -172,7 +177,7 @@ def config_file_arguments(parser: argparse.ArgumentParser, path: str) -> list[st
             tokens += [flag] if value else []
         elif value is not None:
             values = value if isinstance(value, list) else [value]
-            tokens += [flag, *map(str, values)] if action.nargs == "+" else [flag, ",".join(map(str, values))]
+            tokens += [flag, *map(str, values)] if action.nargs == "+" or isinstance(action.nargs, int) else [flag, ",".join(map(str, values))]
     return tokens
 
 
@@ -218,6 +223,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--feature-layers applies to --head multilayer")
     if args.backbone_training == "full" and args.backbone_dtype != "float32":
         parser.error("--backbone-training full trains every backbone weight, which needs --backbone-dtype float32")
+    if (args.image_mean is None) != (args.image_std is None):
+        parser.error("--image-mean and --image-std go together: give both")
+    if args.image_std is not None and not min(args.image_std) > 0:
+        parser.error("--image-std must be positive")
     return args
 
 
@@ -570,7 +579,7 @@ def run_record(args, model, train_data, precision, world, device, fingerprints) 
         "config_version": CONFIG_VERSION,
         "arguments": {k: v for k, v in vars(args).items() if k != "hf_token_file"},
         "backbone": resolve_backbone(args.backbone), "backbone_training": args.backbone_training,
-        "backbone_dtype": args.backbone_dtype, "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
+        "backbone_dtype": args.backbone_dtype, "backbone_architecture": architecture(model.vit().config), "class_names": list(D.CLASS_NAMES), "num_classes": D.NUM_CLASSES,
         "resolution": {"name": args.resolution, "scale": D.RESOLUTION_SCALES[args.resolution],
                        "source_size": list(train_data.source_size), "content_size": list(train_data.content_size),
                        "padded_size": list(train_data.padded_size)},
@@ -702,7 +711,8 @@ def train(args) -> None:
     model = build_model(args.backbone, token, backbone_training=args.backbone_training, backbone_dtype=args.backbone_dtype,
                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         lora_target_modules=args.lora_targets, head=head_settings(args),
-                        gradient_checkpointing=args.gradient_checkpointing).to(device)
+                        gradient_checkpointing=args.gradient_checkpointing,
+                        normalization=args.image_mean and (args.image_mean, args.image_std)).to(device)
     del token
     (trainable, total), (trainable_bytes, total_bytes) = count_parameters(model), parameter_bytes(model)
     log(f"model: {args.backbone} ({args.backbone_training}), {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%); "
