@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on a built-in demo, on the CPU, with no token and no dataset:
 # synthetic data in the SAR-RARP50 release layout -> frame extraction -> a tiny random DINOv3
-# -> run_training.py -> run_inference.py (official score table, visualisations).
+# -> run_training.py -> run_inference.py (official score table, visualisations) -> an overlay video of a test video.
 #   bash scripts/demo.sh [DEMO_DIR (default: demo)]     DEMO_STEPS=N sets the training budget
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +22,6 @@ $PYTHON run_training.py --data-directory "$demo/sarrarp" --output-directory "$de
   --batch-size 8 --lr 1e-3 --head-lr 3e-3 --warmup-steps 10 --num-workers 2
 $PYTHON run_inference.py --data-directory "$demo/sarrarp" --model-directory "$demo/trained-models" \
   --min-component-size 50 --num-workers 2
+$PYTHON run_inference.py --model-directory "$demo/trained-models" --input "$demo/sarrarp/test/video_41/video_left.avi" \
+  --output "$demo/trained-models/predictions/video_41" --min-component-size 50
 echo "training curves: $demo/trained-models/training_curves.png"
