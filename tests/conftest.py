@@ -24,6 +24,21 @@ def run_script(*args, check=True, cwd=ROOT, env=None):
     return result
 
 
+def decode_all(video_path) -> list:
+    """Every frame of a video, by OpenCV's sequential read() (what the official toolkit does)."""
+    import cv2
+    capture = cv2.VideoCapture(str(video_path))
+    assert capture.isOpened(), video_path
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    return frames
+
+
 def extracted_demo_release(root: Path, **sizes) -> Path:
     """A synthetic release in the SAR-RARP50 layout (scripts/make_demo_data.py), frames extracted."""
     from make_demo_data import make_demo_dataset

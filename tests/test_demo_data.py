@@ -6,23 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, decode_all, run_script
 
 SCRIPT = ROOT / "scripts" / "make_demo_data.py"
 SMALL = ["--seconds", "2", "--width", "128", "--height", "96"]
-
-
-def decode_all(video_path):
-    capture = cv2.VideoCapture(str(video_path))
-    assert capture.isOpened(), video_path
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames
 
 
 def read_mask(path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import run_inference
-from conftest import ROOT, run_script
+from conftest import ROOT, decode_all, run_script
 from make_tiny_backbone import save_tiny_backbone
 
 VIDEO = "test/video_41/video_left.avi"  # 3 s at 60 fps, 128x96, masks and extracted frames at 0, 60, 120
@@ -35,15 +35,9 @@ def infer(*args):
 
 def read_video(path):
     capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
     fps = capture.get(cv2.CAP_PROP_FPS)
     capture.release()
-    return frames, fps
+    return decode_all(path), fps
 
 
 def mask_indices(folder):
