@@ -85,14 +85,20 @@ def stage_rates(path: Path, frames: int, sizes, out: Path) -> dict:
     labels = fake_labels()
     drawn = [R.video_frame((frame, labels)) for frame in sample]
     rates = {"decode (grab + retrieve + BGR->RGB)": frames / timed(lambda: decode_only(path, frames))}
-    rates["resize for the model"] = len(sample) / timed(lambda: [D.scale_image(f, s) for f in sample for s in sizes])
-    rates["overlay drawing"] = len(sample) / timed(lambda: [R.video_frame((f, labels)) for f in sample])
+    rates["resize for the model"] = len(sample) / timed(lambda: each(sample, lambda f: [D.scale_image(f, s) for s in sizes]))
+    rates["overlay drawing"] = len(sample) / timed(lambda: each(sample, lambda f: R.video_frame((f, labels))))
     jobs, halt = queue.Queue(), threading.Event()
     for frame in drawn:
         jobs.put((frame, None))
     jobs.put(V.END)
     rates["H.264 encoding"] = len(drawn) / timed(lambda: V.encode_frames(out, SIZE, FPS, lambda job: job[0], jobs, halt))
     return rates
+
+
+def each(frames, work) -> None:
+    """work on every frame, its result dropped at once as in the pipeline (not kept: memory would be the cost)."""
+    for frame in frames:
+        work(frame)
 
 
 def fake_labels() -> np.ndarray:
