@@ -186,11 +186,20 @@ def _score_files(paths):
     return (*frame_record(prediction, ground_truth), confusion_matrix(prediction, ground_truth))
 
 
+def false_positive_pixels(confusion: np.ndarray) -> np.ndarray:
+    """Per class 1..9: pixels predicted as it in a frame whose ground truth has none of it (0 where it has some),
+    the error the official metric punishes hardest: IoU and NSD 0 for the class, whatever the pixel count."""
+    absent = confusion.sum(1)[1:] == 0
+    return np.where(absent, confusion.sum(0)[1:], 0)
+
+
 def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None = None, progress: bool = True,
-                         videos: list[str] | None = None) -> dict:
+                         videos: list[str] | None = None, per_frame: bool = False) -> dict:
     """Official score of PRED/video_*/segmentation/*.png against the same names under GT; missing files score 0.
 
     videos: only these video folders of GT (e.g. a validation split); default every one.
+    per_frame: also "per_frame", one record per ground-truth mask (video, frame, IoU, NSD, false_positives, missing),
+    in the order the averages take them.
     """
     ground_truth_dir, prediction_dir = Path(ground_truth_dir), Path(prediction_dir)
     video_dirs = sorted(ground_truth_dir.glob("video_*"))
@@ -227,13 +236,17 @@ def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None =
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    frame_results = {m.parts[0]: [] for m in masks}
-    for m, (iou, nsd, present, _) in zip(found, scored):
-        frame_results[m.parts[0]].append((iou, nsd, present))
+    scored = dict(zip(found, scored))
     zero = np.zeros(NUM_CLASSES - 1)
-    for m in missing:  # no prediction: 0 on every class, seed mIoU too; nothing added to the confusion matrix
-        frame_results[m.parts[0]].append((zero, zero, np.ones(NUM_CLASSES - 1, bool)))
-    confusion = sum((s[-1] for s in scored), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+    frame_results, frames = {m.parts[0]: [] for m in masks}, []
+    for m in masks:  # no prediction: 0 on every class, seed mIoU too; nothing added to the confusion matrix
+        iou, nsd, present, confusion = scored.get(m, (zero, zero, np.ones(NUM_CLASSES - 1, bool), None))
+        frame_results[m.parts[0]].append((iou, nsd, present))
+        false_positives = zero.astype(np.int64) if confusion is None else false_positive_pixels(confusion)
+        frames.append({"video": m.parts[0], "frame": m.stem, "IoU": iou.tolist(), "NSD": nsd.tolist(),
+                       "false_positives": false_positives.tolist(), "missing": confusion is None})
+    confusion = sum((s[-1] for s in scored.values()), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
     return {**summarize(frame_results), "missing": [m.as_posix() for m in missing], "colour_predictions": coloured,
             "confusion": confusion.tolist(),
-            "ground_truth_dir": str(ground_truth_dir), "prediction_dir": str(prediction_dir)}
+            "ground_truth_dir": str(ground_truth_dir), "prediction_dir": str(prediction_dir),
+            **({"per_frame": frames} if per_frame else {})}

@@ -10,13 +10,13 @@
 
 Predictions go to MODEL/inference/video_XX/segmentation/<mask name>.png: 8-bit class ids at the source size,
 the layout the official toolkit reads. Pictures (frame | prediction | ground truth) go to
-MODEL/inference/video_XX/visualisations/, the official score to metrics.json, per_class.csv and
-confusion_matrix.png in the prediction folder; metrics.json and the printed table also give the seed pipeline's own
-mIoU (seed_mIoU), labelled as such: not the official score.
+MODEL/inference/video_XX/visualisations/, the official score to metrics.json, per_class.csv, per_frame.csv and
+charts in the prediction folder, with report.html: where the model fails (worst frames per class, false
+positives). metrics.json and the printed table also give the seed pipeline's own mIoU (seed_mIoU), labelled as
+such: not the official score.
 """
 import argparse
 import collections
-import functools
 import csv
 import io
 import json
@@ -35,37 +35,20 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dataset as D
+import plots as P
 import video as V
 from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, read_label_png, summarize
 from model import (BackboneError, ModelDirectoryError, OneLineErrorParser, load_trained_model, read_model_config,
                    redact_tokens, resolve_hf_token)
+from report import write_report
 
 NO_DATA_HINT = "see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh"
-THIN_CLASSES = ("suturing needle", "thread")
-OUTPUT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png")
+OUTPUT_FILES = ("metrics.json", "per_class.csv", "per_frame.csv", "confusion_matrix.png", "per_class_scores.png",
+                "per_video_scores.png", "report.html")
 PROVENANCE_FILE = "predicted_with.json"  # how the predictions of each video in a folder were made
 SCORES_MANIFEST = ".scores_by_run_inference.json"  # the score files this tool wrote into a folder it did not make
 SEED_MIOU_NOTE = ("the seed pipeline's own metric: per-frame IoU over the classes present in prediction or ground truth, "
                   "mean over all frames of all videos; not the official score")
-# Class colours (RGB) for pictures; background stays uncoloured.
-CLASS_COLOURS = {
-    1: (255, 225, 25),   # tool clasper: yellow
-    2: (70, 240, 240),   # tool wrist: cyan
-    3: (0, 130, 200),    # tool shaft: blue
-    4: (240, 50, 230),   # suturing needle: magenta
-    5: (60, 220, 75),    # thread: green
-    6: (245, 130, 48),   # suction tool: orange
-    7: (145, 30, 180),   # needle holder: purple
-    8: (210, 245, 60),   # clamps: lime
-    9: (255, 255, 255),  # catheter: white
-}
-OVERLAY_ALPHA = 0.55
-LEGEND_ALPHA = 0.75  # the legend strip over the bottom of an overlay video
-MAX_PICTURE_WIDTH = 1280  # wider sources are pictured at half resolution
-TITLE_HEIGHT = 28
-LEGEND_ROW_HEIGHT = 26
-LEGEND_COLUMN_WIDTH = 170
-FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -273,7 +256,7 @@ def save_frame_outputs(labels, frame: Path, mask: Path | None, video_output: Pat
         labels = remove_small_components(labels, min_component_size)
     D.write_image_atomically(video_output / "segmentation" / frame.name, labels)
     if mask is not None:
-        picture = visualisation(D.read_image(frame), labels, D.read_mask(mask))
+        picture = P.visualisation(D.read_image(frame), labels, D.read_mask(mask))
         D.write_image_atomically(video_output / "visualisations" / frame.name, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
 
 
@@ -418,105 +401,6 @@ def check_outputs_are_ours(directory: Path, predicted_here: bool) -> None:
                               "or score a copy of the folder")
 
 
-# ----------------------------------------------------------------------------- pictures
-
-COLOUR_TABLE = np.array([[CLASS_COLOURS.get(c, (0, 0, 0))] for c in range(256)], np.uint8)  # class id -> colour (cv2.LUT)
-
-
-def overlay(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The frame with each labelled pixel blended with its class colour; OpenCV calls on the labels' bounding box
-    only (1-6 ms at 1080p)."""
-    picture = frame.copy()
-    x, y, w, h = cv2.boundingRect(labels)
-    if w:
-        box, box_labels = frame[y:y + h, x:x + w], labels[y:y + h, x:x + w]
-        coloured = cv2.LUT(cv2.merge([box_labels] * 3), COLOUR_TABLE)
-        blended = cv2.addWeighted(box, 1 - OVERLAY_ALPHA, coloured, OVERLAY_ALPHA, 0)
-        cv2.copyTo(blended, box_labels, picture[y:y + h, x:x + w])  # only where labels > 0
-    return picture
-
-
-def legend_rows(width: int) -> int:
-    columns = max(1, min(len(SCORED_CLASSES), width // LEGEND_COLUMN_WIDTH))
-    return -(-len(SCORED_CLASSES) // columns)
-
-
-def visualisation(frame: np.ndarray, prediction: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
-    """RGB picture: frame | prediction overlay | ground-truth overlay, titled above, class colour legend below.
-
-    Size: 3 x source width, TITLE_HEIGHT + source height + legend_rows(3 x width) x LEGEND_ROW_HEIGHT;
-    sources wider than MAX_PICTURE_WIDTH are pictured at half resolution.
-    """
-    if frame.shape[1] > MAX_PICTURE_WIDTH:
-        size = (frame.shape[1] // 2, frame.shape[0] // 2)
-        frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-        prediction, ground_truth = (cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in (prediction, ground_truth))
-    height, width = frame.shape[:2]
-    rows = legend_rows(3 * width)
-    canvas = np.full((TITLE_HEIGHT + height + rows * LEGEND_ROW_HEIGHT, 3 * width, 3), 255, np.uint8)
-    panels = (("frame", frame), ("prediction", overlay(frame, prediction)), ("ground truth", overlay(frame, ground_truth)))
-    for i, (title, panel) in enumerate(panels):
-        canvas[TITLE_HEIGHT:TITLE_HEIGHT + height, i * width:(i + 1) * width] = panel
-        cv2.putText(canvas, title, (i * width + 6, TITLE_HEIGHT - 8), FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
-    canvas[TITLE_HEIGHT + height:] = legend_strip(3 * width)
-    return canvas
-
-
-@functools.lru_cache(maxsize=4)
-def legend_strip(width: int) -> np.ndarray:
-    """RGB strip, legend_rows(width) x LEGEND_ROW_HEIGHT high: a colour box and the name of every class."""
-    rows = legend_rows(width)
-    strip = np.full((rows * LEGEND_ROW_HEIGHT, width, 3), 255, np.uint8)
-    columns = -(-len(SCORED_CLASSES) // rows)
-    column_width = width // columns
-    for k, c in enumerate(SCORED_CLASSES):
-        x, y = (k % columns) * column_width + 6, (k // columns) * LEGEND_ROW_HEIGHT
-        cv2.rectangle(strip, (x, y + 5), (x + 16, y + 21), CLASS_COLOURS[c], -1)
-        cv2.rectangle(strip, (x, y + 5), (x + 16, y + 21), (0, 0, 0), 1)
-        cv2.putText(strip, D.CLASS_NAMES[c], (x + 22, y + 19), FONT, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    return strip
-
-
-def video_frame(job) -> np.ndarray:
-    """A frame of the overlay video: the latest prediction over it (none before the first), the legend along the
-    bottom where it takes at most a quarter of the height."""
-    frame, labels = job
-    picture = frame if labels is None else overlay(frame, labels)
-    legend = legend_strip(picture.shape[1])
-    if len(legend) <= picture.shape[0] // 4:
-        bottom = picture[-len(legend):]
-        picture = picture.copy() if picture is frame else picture
-        picture[-len(legend):] = cv2.addWeighted(bottom, 1 - LEGEND_ALPHA, legend, LEGEND_ALPHA, 0)
-    return picture
-
-
-def draw_confusion_matrix(confusion, path: Path) -> None:
-    """Row-normalised confusion matrix (each ground-truth class's pixels split over the predicted classes), drawn with OpenCV."""
-    counts = np.asarray(confusion, np.float64)
-    totals = counts.sum(1, keepdims=True)
-    shares = counts / np.maximum(totals, 1)
-    n, cell, left, top = len(counts), 64, 150, 160
-    canvas = np.full((top + n * cell + 12, left + n * cell + 12, 3), 255, np.uint8)
-    cv2.putText(canvas, "rows: ground truth, columns: prediction (share of the row's pixels)", (8, 22), FONT, 0.5,
-                (0, 0, 0), 1, cv2.LINE_AA)
-    for i in range(n):
-        name_width = cv2.getTextSize(D.CLASS_NAMES[i], FONT, 0.45, 1)[0][0]
-        cv2.putText(canvas, D.CLASS_NAMES[i], (left - 8 - name_width, top + i * cell + cell // 2 + 5), FONT, 0.45,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-        label = np.full((cell, top - 40, 3), 255, np.uint8)  # column names: drawn horizontally, then turned upright
-        cv2.putText(label, D.CLASS_NAMES[i], (6, cell // 2 + 5), FONT, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-        canvas[40:top, left + i * cell:left + (i + 1) * cell] = cv2.rotate(label, cv2.ROTATE_90_COUNTERCLOCKWISE)
-        for j in range(n):
-            x, y, share = left + j * cell, top + i * cell, shares[i, j]
-            colour = (235, 235, 235) if totals[i, 0] == 0 else (255, int(255 - 175 * share), int(255 - 255 * share))  # BGR: white -> blue
-            cv2.rectangle(canvas, (x, y), (x + cell, y + cell), colour, -1)
-            cv2.rectangle(canvas, (x, y), (x + cell, y + cell), (200, 200, 200), 1)
-            if counts[i, j]:
-                cv2.putText(canvas, f"{share:.2f}", (x + 12, y + cell // 2 + 5), FONT, 0.45,
-                            (255, 255, 255) if share > 0.5 else (0, 0, 0), 1, cv2.LINE_AA)
-    D.write_image_atomically(path, canvas)
-
-
 # ----------------------------------------------------------------------------- scoring
 
 def background_only_score(ground_truth_directory: Path, videos: list[str]) -> dict:
@@ -531,21 +415,25 @@ def background_only_score(ground_truth_directory: Path, videos: list[str]) -> di
     return {key: result[key] for key in ("mIoU", "mNSD", "score")}
 
 
-def write_scores(metrics: dict, directory: Path) -> None:
+def write_scores(metrics: dict, frames: list[dict], directory: Path) -> None:
+    """Every output of OUTPUT_FILES, metrics.json last: its presence means every other one is complete."""
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["class", "IoU", "NSD"])
     writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
     D.write_json_atomically(directory / SCORES_MANIFEST, list(OUTPUT_FILES))  # before them: a killed write is ours too
     D.write_bytes_atomically(directory / "per_class.csv", table.getvalue().encode())
-    draw_confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
-    D.write_json_atomically(directory / "metrics.json", metrics)  # last: its presence means every output is complete
+    P.confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
+    P.class_scores(metrics, directory / "per_class_scores.png")
+    P.video_scores(metrics, directory / "per_video_scores.png")
+    write_report(metrics, frames, directory)
+    D.write_json_atomically(directory / "metrics.json", metrics)
 
 
 def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
     print(f"\n{'class':<20}{'IoU':>8}{'NSD':>8}")
     for name, v in metrics["classes"].items():
-        print(f"{name + (' *' if name in THIN_CLASSES else ''):<20}{v['IoU']:>8.4f}{v['NSD']:>8.4f}")
+        print(f"{name + (' *' if name in P.THIN_CLASSES else ''):<20}{v['IoU']:>8.4f}{v['NSD']:>8.4f}")
     print(f"{'mean':<20}{metrics['mIoU']:>8.4f}{metrics['mNSD']:>8.4f}   (* thin classes)")
     print(f"official score {metrics['score']:.4f} = sqrt(mIoU x mNSD) over {metrics['frames']} frames of "
           f"{len(metrics['videos'])} videos ({metrics['split']} split)")
@@ -560,7 +448,9 @@ def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
         shown = ", ".join(metrics["missing"][:5]) + (f" and {len(metrics['missing']) - 5} more" if len(metrics["missing"]) > 5 else "")
         print(f"warning: {len(metrics['missing'])} ground-truth masks have no prediction and score 0: {shown} "
               f"(all listed in metrics.json)", file=sys.stderr)
-    print(f"metrics: {directory / 'metrics.json'}, {directory / 'per_class.csv'}, {directory / 'confusion_matrix.png'}")
+    print(f"metrics: {directory / 'metrics.json'}, per_class.csv, per_frame.csv, confusion_matrix.png, "
+          "per_class_scores.png, per_video_scores.png")
+    print(f"error analysis (open in a browser): {directory / 'report.html'}")
     if pictured:
         print(f"visualisations: {directory}/video_*/visualisations/")
 
@@ -580,7 +470,8 @@ def score_predictions(args, ground_truth_directory: Path, videos: list[str], pre
     """Score the folder's predictions of these videos, write metrics.json and the other outputs, print the table.
     one_run=False: the videos were predicted by different runs on purpose (cross-validation folds)."""
     check_outputs_are_ours(predictions_directory, predicted_here)
-    result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos)
+    result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos, per_frame=True)
+    frames = result.pop("per_frame")
     provenance, warnings = provenance_of(predictions_directory, videos, one_run)
     if result["colour_predictions"]:
         warnings.append(f"{len(result['colour_predictions'])} prediction PNGs have colour channels (e.g. "
@@ -601,7 +492,7 @@ def score_predictions(args, ground_truth_directory: Path, videos: list[str], pre
         "warnings": warnings,
         "background_only": background_only_score(ground_truth_directory, videos),
     }
-    write_scores(metrics, predictions_directory)
+    write_scores(metrics, frames, predictions_directory)
     print_report(metrics, predictions_directory, pictured=predicted_here)
     return metrics
 
@@ -662,7 +553,7 @@ def segment_video_file(args, source: Path, out: Path) -> None:
         written = V.segment_video(source, info, first, stop, args.every,
                                   lambda frame: [D.scale_image(frame, size) for size in sizes],
                                   frame_predictor(args, passes, info.size, autocast, device), args.batch_size,
-                                  video_frame, partial, save_mask, progress)
+                                  P.video_frame, partial, save_mask, progress)
         if not written:
             raise D.DataError(f"{source} has no frames from {args.start:g} s on")
         os.replace(partial, final)  # a killed or failed run never leaves a finished-looking overlay
@@ -694,7 +585,7 @@ def segment_image_folder(args, source: Path, out: Path) -> None:
             labels = predict_one([[D.scale_image(frame, size) for size in sizes]])[0]
             D.write_image_atomically(out / "masks" / f"{path.stem}.png", labels)
             D.write_image_atomically(out / "overlays" / f"{path.stem}.jpg",
-                                     cv2.cvtColor(video_frame((frame, labels)), cv2.COLOR_RGB2BGR), (cv2.IMWRITE_JPEG_QUALITY, 90))
+                                     cv2.cvtColor(P.video_frame((frame, labels)), cv2.COLOR_RGB2BGR), (cv2.IMWRITE_JPEG_QUALITY, 90))
     D.write_json_atomically(out / PROVENANCE_FILE, {**inference_record(args, members, precision), "input": str(source),
                                                    "images": [path.name for path in images]})
     print(f"masks: {out / 'masks'}/, overlays: {out / 'overlays'}/ ({len(images)} images)")

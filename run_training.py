@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -29,9 +28,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import dataset as D
+import plots as P
 from backbone_files import architecture
 from losses import LOSSES, soft_dice_loss, weighted_cross_entropy
 from metrics import frame_record, summarize
+from tracking import REPORTERS, TrackingError, check_available, open_tracker
 from model import (BACKBONE_DTYPES, BACKBONE_TRAINING, BACKBONES, CONFIG_VERSION, DEFAULT_BACKBONE, HEAD_TYPES,
                    LORA_TARGET_MODULES, BackboneError, HeadConfigError, OneLineErrorParser, build_model, count_parameters,
                    parameter_bytes, redact_tokens, resolve_backbone, resolve_hf_token, save_trainable_weights, trainable_state_dict)
@@ -40,10 +41,11 @@ from model import (BACKBONE_DTYPES, BACKBONE_TRAINING, BACKBONES, CONFIG_VERSION
 # order or the model (e.g. a new batch size shifts where the epoch resumes).
 CHANGEABLE_ON_RESUME = {"resume", "config", "hf_token_file", "num_workers", "val_every", "checkpoint_every", "log_every",
                         "cache_frames", "skip_bad_samples", "data_directory", "output_directory", "backbone",
-                        "low_res"}
+                        "low_res", "report_to"}
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "constant")
 SELECTION_METRICS = ("score", "mIoU", "seed_mIoU")
+VALIDATION_PICTURES = 3  # validation frames pictured for the tracker at each validation, the same every time
 NO_DATA_HINT = ("see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh")
 
 
@@ -154,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--checkpoint-every", type=int, default=200, help="write the resumable checkpoint every N steps (default: %(default)s)")
     schedule.add_argument("--log-every", type=int, default=10, help="log training loss every N steps (default: %(default)s)")
     schedule.add_argument("--resume", action="store_true", help="continue the run in --output-directory from its checkpoint")
+    schedule.add_argument("--report-to", choices=REPORTERS, default="none",
+                          help="also log live to TensorBoard (OUTPUT/tensorboard: tensorboard --logdir OUTPUT) or "
+                               "Weights & Biases (WANDB_MODE=offline without a network): losses, every validation "
+                               "score, and pictures of a few validation frames (default: %(default)s)")
     return parser
 
 
@@ -332,6 +338,12 @@ def logged_step(line: str) -> float:
         return math.inf
 
 
+def read_records(metrics_file: Path) -> list[dict]:
+    """metrics.jsonl's records, without a line half-written by a killed run; none before the first is logged."""
+    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    return [json.loads(line) for line in lines if logged_step(line) != math.inf]
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 def backbone_layer(name: str, num_layers: int) -> int:
@@ -404,16 +416,20 @@ def accumulate_gradients(wrapped, batches, args, class_weights, source_size, con
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def validate(model, loader, val_samples, source_size, content_size, device, autocast, rank, world) -> dict:
-    """The official SAR-RARP50 score over the validation frames (each rank scores its share, rank 0 summarises)."""
+def validate(model, loader, val_samples, source_size, content_size, device, autocast, rank, world,
+             pictured=()) -> tuple[dict, dict]:
+    """The official SAR-RARP50 score over the validation frames (each rank scores its share, rank 0 summarises), and
+    the predictions of the frames of this rank's share whose indices are in pictured."""
     model.eval()
-    scored = []
+    scored, kept = [], {}
     for batch in tqdm(loader, desc="validating", unit="batch", leave=False, disable=rank != 0):
         with autocast():
             logits = model(batch["image"].to(device, non_blocking=True), source_size, content_size)
         predictions = logits.argmax(1).to(torch.uint8).cpu().numpy()
         for index, prediction, truth in zip(batch["index"].tolist(), predictions, batch["mask"].numpy()):
             scored.append((val_samples[index].video, frame_record(prediction, truth)))
+            if index in pictured:
+                kept[index] = prediction
     model.train()
     if world > 1:
         gathered = [None] * world
@@ -422,7 +438,14 @@ def validate(model, loader, val_samples, source_size, content_size, device, auto
     per_video = {}
     for video, record in scored:
         per_video.setdefault(video, []).append(record)
-    return summarize(per_video)
+    return summarize(per_video), kept
+
+
+def validation_pictures(samples, predictions: dict) -> dict[str, np.ndarray]:
+    """{video/frame: frame | prediction | ground truth} of the kept validation predictions, for the tracker."""
+    return {f"{samples[i].video}/{samples[i].image.stem}": P.visualisation(D.read_image(samples[i].image), prediction,
+                                                                          D.read_mask(samples[i].mask))
+            for i, prediction in predictions.items()}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -530,38 +553,6 @@ def last_good_checkpoint(path: Path) -> str:
         return f"the last good checkpoint (step {load_checkpoint(path)['step']}) is in {path}"
     except CheckpointError as error:
         return f"no good checkpoint is left: {error}"
-
-
-def plot_training_curves(metrics_file: Path, output: Path) -> None:
-    """Training loss and validation scores against step, drawn with OpenCV (no plotting dependency)."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    scores = [(r["step"], r["val"]["mIoU"], r["val"]["mNSD"], r["val"]["score"]) for r in records if "val" in r]
-    width, height, margin = 900, 360, 50
-    canvas = np.full((height, 2 * width, 3), 255, np.uint8)
-    last_step = max([s for s, *_ in losses + scores] + [1])
-
-    def panel(x0, title, series, top):
-        cv2.rectangle(canvas, (x0 + margin, margin), (x0 + width - 20, height - margin), (0, 0, 0), 1)
-        cv2.putText(canvas, title, (x0 + margin, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(canvas, f"{top:.3g}", (x0 + 5, margin + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1)
-        cv2.putText(canvas, "0", (x0 + 30, height - margin), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (80, 80, 80), 1)
-        cv2.putText(canvas, f"step {last_step}", (x0 + width - 110, height - 20), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (80, 80, 80), 1)
-        for i, (label, colour, points) in enumerate(series):
-            xy = np.array([(x0 + margin + (width - 20 - margin) * s / last_step,
-                            height - margin - (height - 2 * margin) * v / top) for s, v in points], np.int32)
-            if len(xy):
-                cv2.polylines(canvas, [xy.reshape(-1, 1, 2)], False, colour, 2, cv2.LINE_AA)
-                for point in xy if len(xy) < 40 else []:
-                    cv2.circle(canvas, tuple(int(c) for c in point), 3, colour, -1)
-            cv2.putText(canvas, label, (x0 + width - 200, margin + 20 + 20 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
-
-    panel(0, "training loss", [("loss", (200, 80, 0), losses)], max([v for _, v in losses] + [1e-6]))
-    panel(width, "validation (official SAR-RARP50 metric)", [
-        ("mIoU", (0, 140, 0), [(s, a) for s, a, _, _ in scores]),
-        ("mNSD", (0, 0, 200), [(s, b) for s, _, b, _ in scores]),
-        ("score", (0, 0, 0), [(s, c) for s, _, _, c in scores])], 1.0)
-    cv2.imwrite(str(output), canvas)
 
 
 def print_scores(result: dict, step: int) -> None:
@@ -690,6 +681,7 @@ def check_fingerprints(saved_config: dict, current: dict) -> None:
 # ----------------------------------------------------------------------------- training
 
 def train(args) -> None:
+    check_available(args.report_to)
     rank, world, device = setup_distributed()
     output = Path(args.output_directory)
     checkpoint_path = output / "checkpoint.pt"
@@ -769,22 +761,28 @@ def train(args) -> None:
     val_loader = DataLoader(val_data, batch_size=args.batch_size, sampler=val_indices, num_workers=args.num_workers,
                             generator=loader_generator)
     class_weights = class_weights.to(device)
+    pictured = set(val_indices[::max(1, len(val_indices) // VALIDATION_PICTURES)][:VALIDATION_PICTURES])
+    tracker = open_tracker(args.report_to, output, read_run_config(config_path),
+                           state["step"] if checkpoint is not None else None) if rank == 0 else None
 
-    def log_record(record):
+    def log_record(record, pictures=None):
         if rank == 0:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if tracker:
+                tracker.log(record, pictures or {})
 
     def evaluate_and_save(step):
         """Validate; keep the best weights; count validations without improvement (the same on every rank)."""
-        result = validate(model, val_loader, val_samples, source_size, content_size, device, autocast, rank, world)
+        result, predictions = validate(model, val_loader, val_samples, source_size, content_size, device, autocast,
+                                       rank, world, pictured if tracker else ())
         improved = result[args.selection_metric] > state["best_score"]
         if improved:
             state["best_score"], state["best_step"], state["validations_without_improvement"] = result[args.selection_metric], step, 0
         else:
             state["validations_without_improvement"] += 1
         if rank == 0:
-            log_record({"step": step, "val": result})
+            log_record({"step": step, "val": result}, validation_pictures(val_samples, predictions))
             print_scores(result, step)
             if improved:
                 save_weights(model, output / "best")
@@ -804,7 +802,7 @@ def train(args) -> None:
         if rank == 0:
             save_weights(model, output / "last")
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, {**state, "rng": rngs})
-            plot_training_curves(metrics_file, output / "training_curves.png") if metrics_file.exists() else None
+            P.training_curves(read_records(metrics_file), output / "training_curves.png", args.selection_metric)
 
     progress = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=rank != 0)
     model.train()
@@ -854,6 +852,8 @@ def train(args) -> None:
             if state["finished"] or end_of_epoch:
                 break
     progress.close()
+    if tracker:
+        tracker.close()
     log(f"done: best validation {args.selection_metric} {state['best_score']:.4f} at step {state['best_step']}; outputs in {output}/")
 
 
@@ -867,7 +867,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except (D.DataError, BackboneError, HeadConfigError, FloatingPointError, CheckpointError, OSError) as error:
+    except (D.DataError, BackboneError, HeadConfigError, FloatingPointError, CheckpointError, TrackingError,
+            OSError) as error:
         print(f"error: {redact_tokens(one_line(error))}", file=sys.stderr)
         return 1
     except RuntimeError as error:

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import dataset as D  # noqa: E402
+import plots as P  # noqa: E402
 import run_inference as R  # noqa: E402
 import video as V  # noqa: E402
 from make_tiny_backbone import save_tiny_backbone  # noqa: E402
@@ -71,7 +72,7 @@ def full_path(path: Path, frames: int, out: Path, predict_batch, sizes, batch_si
     info = V.probe_video(path)
     progress = SimpleNamespace(update=lambda n: None)
     return V.segment_video(path, info, 0, frames, 1, lambda frame: [D.scale_image(frame, s) for s in sizes],
-                           predict_batch, batch_size, R.video_frame, out, lambda i, labels: None, progress)
+                           predict_batch, batch_size, P.video_frame, out, lambda i, labels: None, progress)
 
 
 def stage_rates(path: Path, frames: int, sizes, out: Path) -> dict:
@@ -83,10 +84,10 @@ def stage_rates(path: Path, frames: int, sizes, out: Path) -> dict:
         sample.append(cv2.cvtColor(capture.retrieve()[1], cv2.COLOR_BGR2RGB))
     capture.release()
     labels = fake_labels()
-    drawn = [R.video_frame((frame, labels)) for frame in sample]
+    drawn = [P.video_frame((frame, labels)) for frame in sample]
     rates = {"decode (grab + retrieve + BGR->RGB)": frames / timed(lambda: decode_only(path, frames))}
     rates["resize for the model"] = len(sample) / timed(lambda: each(sample, lambda f: [D.scale_image(f, s) for s in sizes]))
-    rates["overlay drawing"] = len(sample) / timed(lambda: each(sample, lambda f: R.video_frame((f, labels))))
+    rates["overlay drawing"] = len(sample) / timed(lambda: each(sample, lambda f: P.video_frame((f, labels))))
     jobs, halt = queue.Queue(), threading.Event()
     for frame in drawn:
         jobs.put((frame, None))

@@ -3,6 +3,7 @@ mIoU beside it), re-scoring, bad input."""
 import csv
 import json
 import shutil
+from html.parser import HTMLParser
 
 import cv2
 import numpy as np
@@ -11,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import dataset as D
+import plots as P
 import run_inference
 from conftest import ROOT, run_script
 from make_tiny_backbone import save_tiny_backbone
-from metrics import evaluate_directories, frame_scores, read_label_png, summarize
+from metrics import evaluate_directories, false_positive_pixels, frame_scores, read_label_png, summarize
 from model import load_trained_model
 
 INFER = ROOT / "run_inference.py"
@@ -90,20 +92,20 @@ def test_predictions_are_the_models_labels_at_the_source_size_in_the_official_la
 
 def test_each_ground_truth_frame_gets_a_picture_of_frame_prediction_and_truth(test_run, trained_model, release):
     height, width = D.read_mask(release / "test" / "video_41" / "segmentation" / "000000000.png").shape
-    expected_height = run_inference.TITLE_HEIGHT + height + run_inference.legend_rows(3 * width) * run_inference.LEGEND_ROW_HEIGHT
+    expected_height = P.TITLE_HEIGHT + height + P.legend_rows(3 * width) * P.LEGEND_ROW_HEIGHT
     for mask in ground_truth_masks(release / "test"):
         picture = cv2.imread(str(trained_model / "inference" / mask.parent.parent / "visualisations" / mask.name))
         assert picture.shape == (expected_height, 3 * width, 3)
     frame = cv2.imread(str(release / "test" / "video_41" / "frames" / "000000000.png"))
     picture = cv2.imread(str(trained_model / "inference" / "video_41" / "visualisations" / "000000000.png"))
-    np.testing.assert_array_equal(picture[run_inference.TITLE_HEIGHT:run_inference.TITLE_HEIGHT + height, :width], frame)
+    np.testing.assert_array_equal(picture[P.TITLE_HEIGHT:P.TITLE_HEIGHT + height, :width], frame)
     assert "visualisations:" in test_run.stdout
 
 
 def test_wide_sources_are_pictured_at_half_resolution():
     frame, labels = np.zeros((100, 1400, 3), np.uint8), np.zeros((100, 1400), np.uint8)
-    picture = run_inference.visualisation(frame, labels, labels)
-    assert picture.shape == (run_inference.TITLE_HEIGHT + 50 + run_inference.LEGEND_ROW_HEIGHT, 3 * 700, 3)
+    picture = P.visualisation(frame, labels, labels)
+    assert picture.shape == (P.TITLE_HEIGHT + 50 + P.LEGEND_ROW_HEIGHT, 3 * 700, 3)
 
 
 def test_metrics_json_is_the_official_score_of_the_written_predictions(test_run, trained_model, release):
@@ -261,3 +263,93 @@ def test_small_components_take_the_label_around_them():
     expected[0, 39] = 0
     np.testing.assert_array_equal(cleaned, expected)
     np.testing.assert_array_equal(run_inference.remove_small_components(labels, min_size=0), labels)
+
+
+# ----------------------------------------------------------------------------- the error-analysis report
+
+class Page(HTMLParser):
+    """What a test reads of report.html: its text, its links, and its frame lists {(class, list): [video/frame]}."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.text, self.links, self.lists, self.current = [], [], {}, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attributes):
+        attributes = dict(attributes)
+        self.links += [attributes[key] for key in ("href", "src") if key in attributes]
+        if "data-list" in attributes:
+            self.current = self.lists.setdefault((attributes["data-class"], attributes["data-list"]), [])
+        if "data-frame" in attributes:
+            self.current.append(attributes["data-frame"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def per_frame_rows(directory):
+    with open(directory / "per_frame.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_per_frame_scores_average_frame_video_dataset_back_to_metrics_json(test_run, trained_model):
+    output = trained_model / "inference"
+    metrics, rows = json.loads((output / "metrics.json").read_text()), per_frame_rows(output)
+    assert len(rows) == metrics["frames"] and {row["video"] for row in rows} == set(metrics["videos"])
+    for name, scores in metrics["classes"].items():
+        for metric in ("IoU", "NSD"):
+            per_video = [np.mean([float(r[f"{metric} {name}"]) for r in rows if r["video"] == video])
+                         for video in metrics["videos"]]
+            assert np.mean(per_video) == scores[metric], (name, metric)
+    for video, scores in metrics["videos"].items():
+        frames = [r for r in rows if r["video"] == video]
+        assert len(frames) == scores["frames"]
+        assert np.mean([np.mean([float(r[f"IoU {n}"]) for r in frames]) for n in metrics["classes"]]) == pytest.approx(
+            scores["mIoU"], abs=1e-12)
+
+
+def test_the_report_lists_every_class_and_links_only_to_files_that_exist(test_run, trained_model):
+    output = trained_model / "inference"
+    page = Page((output / "report.html").read_text())
+    text = " ".join(page.text)
+    assert all(name in text for name in D.CLASS_NAMES[1:])
+    assert f"{json.loads((output / 'metrics.json').read_text())['score']:.4f}" in text
+    assert page.links and not any("://" in link for link in page.links)  # relative: nothing from the network
+    assert all((output / link).is_file() for link in page.links), [l for l in page.links if not (output / l).is_file()]
+    assert {"confusion_matrix.png", "per_class_scores.png", "per_video_scores.png", "per_frame.csv"} <= set(page.links)
+    assert "<script" not in (output / "report.html").read_text()
+    assert "report.html" in test_run.stdout
+
+
+def test_the_reports_worst_frames_are_those_of_per_frame_csv(test_run, trained_model):
+    output = trained_model / "inference"
+    rows, page = per_frame_rows(output), Page((output / "report.html").read_text())
+    for name in D.CLASS_NAMES[1:]:
+        for metric in ("IoU", "NSD"):
+            failing = [r for r in rows if float(r[f"{metric} {name}"]) < 1]
+            worst = sorted(failing, key=lambda r: (float(r[f"{metric} {name}"]), r["video"], r["frame"]))[:4]
+            assert page.lists.get((name, metric), []) == [f"{r['video']}/{r['frame']}" for r in worst], (name, metric)
+        wrong = [r for r in rows if int(r[f"false positive pixels {name}"]) > 0]
+        most = sorted(wrong, key=lambda r: (-int(r[f"false positive pixels {name}"]), r["video"], r["frame"]))[:4]
+        assert page.lists.get((name, "false positives"), []) == [f"{r['video']}/{r['frame']}" for r in most], name
+    assert any(page.lists.values())  # an untrained model fails somewhere
+
+
+def test_a_false_positive_is_a_class_predicted_where_the_ground_truth_has_none():
+    confusion = np.zeros((D.NUM_CLASSES, D.NUM_CLASSES), np.int64)
+    confusion[0, 5] = 30   # 30 background pixels predicted as thread, no thread in the ground truth
+    confusion[3, 3] = 100  # shaft, right
+    confusion[3, 4] = 7    # shaft predicted as needle, no needle in the ground truth
+    confusion[2, 1] = 9    # wrist predicted as clasper, but the ground truth has clasper pixels too
+    confusion[1, 1] = 1
+    assert false_positive_pixels(confusion).tolist() == [0, 0, 0, 7, 30, 0, 0, 0, 0]
+
+
+def test_the_report_renders_in_headless_chromium(test_run, trained_model, tmp_path):
+    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium installed (apt-get install chromium)")
+    screenshot = tmp_path / "report.png"
+    run_script("bash", ROOT / "scripts" / "screenshot_report.sh", trained_model / "inference" / "report.html",
+               screenshot, "1200,1600")
+    picture = cv2.imread(str(screenshot))
+    assert picture.shape == (1600, 1200, 3) and picture.std() > 10  # a page with content, not a blank or error page

@@ -127,6 +127,30 @@ def test_a_hub_backbone_without_network_fails_fast_with_one_sentence(demo_releas
     assert "Traceback" not in result.stderr
 
 
+def test_tensorboard_follows_a_killed_and_resumed_run_without_a_step_twice(demo_release, backbone, tmp_path):
+    from test_tracking import logged
+    _, interrupted = kill_and_resume(demo_release, backbone, tmp_path, "--report-to", "tensorboard")
+    scalars, images = logged(interrupted / "tensorboard")
+    losses = [r["loss"] for r in records(interrupted) if "loss" in r]
+    assert scalars["train/loss"] == [(step, pytest.approx(loss)) for step, loss in enumerate(losses, 1)]
+    assert [step for step, _ in scalars["val/score"]] == [5, 10]
+    assert {"val/mIoU", "val/mNSD", "val/IoU/thread", "val/NSD/suturing needle", "train/lr",
+            "train/images_per_second"} <= set(scalars)
+    assert any(name.startswith("val/video_") for name in scalars)
+    assert len(images) == run_training.VALIDATION_PICTURES  # the same frames pictured at every validation
+    assert all(name.startswith("validation/video_") and steps == [5, 10] for name, steps in images.items())
+
+
+def test_a_missing_tracker_package_stops_the_run_before_it_writes_anything(demo_release, backbone, tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # how Python marks a module that cannot be imported
+    output = tmp_path / "run"
+    arguments = training_args(demo_release, backbone, output, "--max-steps", "1", "--report-to", "tensorboard")[1:]
+    assert run_training.main(list(map(str, arguments))) == 1
+    assert capsys.readouterr().err == "error: --report-to tensorboard needs the tensorboard package: pip install tensorboard\n"
+    assert not output.exists()
+
+
 def test_without_data_a_newcomer_is_pointed_to_the_data_preparation_and_the_demo(tmp_path):
     result = run_script(TRAIN, check=False, cwd=tmp_path)
     assert result.returncode == 1

@@ -1,0 +1,67 @@
+"""--report-to: the tracker gets metrics.jsonl's records as scalars and validation pictures, and a resume does not
+log a step twice."""
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import tracking
+
+
+def logged(directory):
+    """({scalar name: [(step, value)]}, {image name: [step]}) as TensorBoard itself reads the event files (purges
+    applied)."""
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return ({tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]},
+            {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]})
+
+
+def train_record(step, loss):
+    return {"step": step, "epoch": 0, "loss": loss, "lr": 0.1, "images_per_second": 5.0, "peak_memory_mb": 0.0}
+
+
+def test_validation_records_become_one_scalar_per_metric_class_and_video():
+    record = {"step": 3, "val": {"mIoU": 0.5, "mNSD": 0.6, "score": 0.55, "seed_mIoU": 0.7, "frames": 6,
+                                 "classes": {"thread": {"IoU": 0.1, "NSD": 0.2}},
+                                 "videos": {"video_41": {"mIoU": 0.4, "mNSD": 0.3, "frames": 6}}}}
+    assert tracking.scalars(record) == {"val/mIoU": 0.5, "val/mNSD": 0.6, "val/score": 0.55, "val/seed_mIoU": 0.7,
+                                        "val/IoU/thread": 0.1, "val/NSD/thread": 0.2,
+                                        "val/video_41/mIoU": 0.4, "val/video_41/mNSD": 0.3}
+    assert tracking.scalars(train_record(3, 1.5))["train/loss"] == 1.5
+
+
+def test_a_resumed_tensorboard_run_replaces_what_was_logged_after_its_checkpoint(tmp_path):
+    first = tracking.open_tracker("tensorboard", tmp_path, {"lr": 0.1}, None)
+    for step in range(1, 9):  # killed after step 8, its checkpoint at step 5
+        first.log(train_record(step, 100.0 + step), {"video_41/000000060": np.zeros((8, 24, 3), np.uint8)})
+    first.close()
+    resumed = tracking.open_tracker("tensorboard", tmp_path, {"lr": 0.1}, 5)
+    for step in range(6, 11):
+        resumed.log(train_record(step, float(step)), {})
+    resumed.close()
+    scalars, images = logged(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(s, 100.0 + s) for s in range(1, 6)] + [(s, float(s)) for s in range(6, 11)]
+    assert images == {"validation/video_41/000000060": list(range(1, 6))}
+
+
+def test_wandb_offline_keeps_one_run_id_across_a_resume(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = tracking.open_tracker("wandb", tmp_path, {"lr": 0.1}, None)
+    tracker.log(train_record(1, 1.0), {"video_41/000000060": np.zeros((8, 24, 3), np.uint8)})
+    tracker.close()
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    tracking.open_tracker("wandb", tmp_path, {"lr": 0.1}, 1).close()
+    assert (tmp_path / "wandb_run_id").read_text() == run_id
+    runs = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(run.name.split("-")[3] == run_id for run in runs)  # `wandb sync` joins them
+
+
+def test_a_missing_tracker_package_is_named_in_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a module that cannot be imported
+    with pytest.raises(tracking.TrackingError, match=r"^--report-to wandb needs the wandb package: pip install wandb$"):
+        tracking.check_available("wandb")
+    tracking.check_available("none")
