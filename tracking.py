@@ -12,8 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-REPORTERS = ("none", "tensorboard", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+REPORTERS = ("none", "tensorboard", "wandb")  # each tracker is the package of its name
 PICTURE_WIDTH = 1440  # validation pictures are shrunk to this width in the logs
 
 
@@ -23,9 +22,8 @@ class TrackingError(RuntimeError):
 
 def check_available(report_to: str) -> None:
     """Fail before the run writes anything if the tracker's package is not installed."""
-    package = PACKAGES.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        raise TrackingError(f"--report-to {report_to} needs the {package} package: pip install {package}")
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise TrackingError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}")
 
 
 def scalars(record: dict) -> dict[str, float]:

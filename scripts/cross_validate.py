@@ -11,7 +11,7 @@ trains on every GPU: torchrun --nproc-per-node 4 scripts/cross_validate.py train
 score: predicts each fold's validation videos with that fold's model (out of fold) into OUT/out_of_fold/ (beside the
 folders of fold 0, or --output) and scores them together: the official score over every training video, and each fold's,
 with their mean and standard deviation. Writes run_inference.py's outputs (metrics.json, per_class.csv,
-confusion_matrix.png) there, plus folds.csv and cross_validation.json. Other arguments go to run_inference.py
+per_frame.csv, charts, report.html) there, plus folds.csv and cross_validation.json. Other arguments go to run_inference.py
 (--tta, --tta-scales, --min-component-size, --batch-size, ...). It uses each fold's last weights by default: best/
 was chosen on the very videos scored here, which flatters the score.
 """
