@@ -419,7 +419,7 @@ def accumulate_gradients(wrapped, batches, args, class_weights, source_size, con
 def validate(model, loader, val_samples, source_size, content_size, device, autocast, rank, world,
              pictured=()) -> tuple[dict, dict]:
     """The official SAR-RARP50 score over the validation frames (each rank scores its share, rank 0 summarises), and
-    the predictions of the frames of this rank's share whose indices are in pictured."""
+    (prediction, ground truth) of the frames of this rank's share whose indices are in pictured."""
     model.eval()
     scored, kept = [], {}
     for batch in tqdm(loader, desc="validating", unit="batch", leave=False, disable=rank != 0):
@@ -429,7 +429,7 @@ def validate(model, loader, val_samples, source_size, content_size, device, auto
         for index, prediction, truth in zip(batch["index"].tolist(), predictions, batch["mask"].numpy()):
             scored.append((val_samples[index].video, frame_record(prediction, truth)))
             if index in pictured:
-                kept[index] = prediction
+                kept[index] = prediction, truth
     model.train()
     if world > 1:
         gathered = [None] * world
@@ -441,11 +441,10 @@ def validate(model, loader, val_samples, source_size, content_size, device, auto
     return summarize(per_video), kept
 
 
-def validation_pictures(samples, predictions: dict) -> dict[str, np.ndarray]:
-    """{video/frame: frame | prediction | ground truth} of the kept validation predictions, for the tracker."""
-    return {f"{samples[i].video}/{samples[i].image.stem}": P.visualisation(D.read_image(samples[i].image), prediction,
-                                                                          D.read_mask(samples[i].mask))
-            for i, prediction in predictions.items()}
+def validation_pictures(samples, kept: dict) -> dict[str, np.ndarray]:
+    """{video/frame: frame | prediction | ground truth} of validate's kept frames, for the tracker."""
+    return {f"{samples[i].video}/{samples[i].image.stem}": P.visualisation(D.read_image(samples[i].image), prediction, truth)
+            for i, (prediction, truth) in kept.items()}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -556,10 +555,9 @@ def last_good_checkpoint(path: Path) -> str:
 
 
 def print_scores(result: dict, step: int) -> None:
-    thin = {"suturing needle", "thread"}
     print(f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}"
           f"   (seed mIoU {result['seed_mIoU']:.4f}: the seed pipeline's own metric, not the official score)")
-    print("  " + "  ".join(f"{name}{'*' if name in thin else ''} {v['IoU']:.2f}/{v['NSD']:.2f}"
+    print("  " + "  ".join(f"{name}{'*' if name in P.THIN_CLASSES else ''} {v['IoU']:.2f}/{v['NSD']:.2f}"
                            for name, v in result["classes"].items()) + "   (IoU/NSD, * thin classes)")
 
 

@@ -77,8 +77,13 @@ class WandB:
         if resumed_at is None or not id_file.is_file():
             id_file.write_text(secrets.token_hex(8))
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sarrarp50-dinov3"), id=id_file.read_text(),
-                              resume="allow", dir=output, name=output.name, config=config)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sarrarp50-dinov3"), id=id_file.read_text(),
+                                  resume="allow", dir=output, name=output.name, config=config)
+        except Exception as error:  # wandb's own errors (no login, no network, ...) have no common base class
+            message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise TrackingError(f"W&B could not start a run ({message}): run `wandb login`, or set WANDB_MODE=offline "
+                                "to log without a network") from None
 
     def log(self, record: dict, pictures: dict[str, np.ndarray]) -> None:
         images = {f"validation/{name}": self.wandb.Image(shrunk(picture)) for name, picture in pictures.items()}

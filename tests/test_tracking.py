@@ -65,3 +65,16 @@ def test_a_missing_tracker_package_is_named_in_one_line(monkeypatch):
     with pytest.raises(tracking.TrackingError, match=r"^--report-to wandb needs the wandb package: pip install wandb$"):
         tracking.check_available("wandb")
     tracking.check_available("none")
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def no_network(**settings):
+        raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop.\nmore detail")
+
+    monkeypatch.setattr(wandb, "init", no_network)
+    with pytest.raises(tracking.TrackingError, match=r"^W&B could not start a run \(Network error \(ConnectionError\), "
+                                                     r"entering retry loop.\): run `wandb login`, or set "
+                                                     r"WANDB_MODE=offline to log without a network$"):
+        tracking.open_tracker("wandb", tmp_path, {"lr": 0.1}, None)
