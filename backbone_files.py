@@ -1,21 +1,41 @@
-"""DINOv3 backbones from weight files in Meta's or timm's naming (the .pth of Meta's download form, timm's copies,
-continued pre-training such as SurgeNetDINO): the architecture is read off the tensors and the weights are renamed
-to transformers' DINOv3ViTModel. A key that cannot be placed is an error naming it, never a half-loaded model."""
+"""Where a DINOv3 backbone comes from: a short name or hub id (hub.py: token, clear refusals), a save_pretrained
+directory, or a weight file in Meta's or timm's naming (the .pth of Meta's download form, timm's copies, continued
+pre-training such as SurgeNetDINO), whose architecture is read off the tensors and whose weights are renamed to
+transformers' DINOv3ViTModel. A key that cannot be placed is an error naming it, never a half-loaded model."""
+
+import json
+import os
 import pickle
 import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors.torch import load_file
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers import DINOv3ViTConfig, DINOv3ViTModel, PreTrainedConfig
+
+import hub
+from cli import first_line
+from hub import BackboneError
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
-WRAPPER_KEYS = ("teacher", "model", "model_ema", "state_dict", "module", "student")  # training checkpoints nest the weights
+WRAPPER_KEYS = (
+    "teacher",
+    "model",
+    "model_ema",
+    "state_dict",
+    "module",
+    "student",
+)  # training checkpoints nest the weights
 ANCHOR = "patch_embed.proj.weight"  # every DINOv3 ViT has it, in Meta's naming and timm's
 DEFAULT_HEAD_DIM = 64  # every released DINOv3 ViT; read from rope_embed.periods where a file has them
 DEFAULT_ROPE_THETA = 100.0
 DINOV3_EPS = 1e-5  # layer_norm_eps of Meta's code, timm's and the hub configs
 TIMM_ONLY = ("reg_token", "gamma_1", "q_bias", "fc1_g.weight")  # names only timm's copies use
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 # (key in Meta's or timm's naming, transformers' name; None: not used by transformers' model). The fused
 # blocks.N.attn.qkv is split by to_transformers_names; rope_embed.periods is read by infer_config.
@@ -26,13 +46,19 @@ RENAMES = [
     (r"norm\.(weight|bias)", r"norm.\1"),
     (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", r"model.layer.\1.norm\2.\3"),
     (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"model.layer.\1.attention.o_proj.\2"),
-    (r"blocks\.(\d+)\.attn\.q_bias", r"model.layer.\1.attention.q_proj.bias"),  # timm: q and v bias, the key's fixed at 0
+    (
+        r"blocks\.(\d+)\.attn\.q_bias",
+        r"model.layer.\1.attention.q_proj.bias",
+    ),  # timm: q and v bias, the key's fixed at 0
     (r"blocks\.(\d+)\.attn\.v_bias", r"model.layer.\1.attention.v_proj.bias"),
     (r"blocks\.(\d+)\.(?:ls1\.gamma|gamma_1)", r"model.layer.\1.layer_scale1.lambda1"),
     (r"blocks\.(\d+)\.(?:ls2\.gamma|gamma_2)", r"model.layer.\1.layer_scale2.lambda1"),
     (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
     (r"blocks\.(\d+)\.mlp\.(?:fc2|w3)\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
-    (r"blocks\.(\d+)\.mlp\.(?:w1|fc1_g)\.(weight|bias)", r"model.layer.\1.mlp.gate_proj.\2"),  # SwiGLU: silu(w1 x) * w2 x
+    (
+        r"blocks\.(\d+)\.mlp\.(?:w1|fc1_g)\.(weight|bias)",
+        r"model.layer.\1.mlp.gate_proj.\2",
+    ),  # SwiGLU: silu(w1 x) * w2 x
     (r"blocks\.(\d+)\.mlp\.(?:w2|fc1_x)\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
     (r"mask_token|rope_embed\.periods|local_cls_norm\.(weight|bias)|blocks\.\d+\.attn\.qkv\.bias_mask", None),
 ]
@@ -46,6 +72,110 @@ def is_weight_file(path) -> bool:
     return str(path).endswith(WEIGHT_FILE_SUFFIXES)
 
 
+# ----------------------------------------------------------------------------- name -> backbone
+
+
+def resolve_backbone(name_or_path) -> str:
+    """A short name (vitl16, vit7b16-sat493m...) -> its hub id; hub ids and local paths pass unchanged."""
+    name_or_path = str(name_or_path)
+    if name_or_path in hub.BACKBONES:
+        return hub.BACKBONES[name_or_path]
+    if is_weight_file(name_or_path):
+        if not os.path.isfile(name_or_path):
+            raise BackboneError(f"backbone file {name_or_path} does not exist")
+        return os.path.abspath(name_or_path)  # config.json must find it again from any working directory
+    if "/" not in name_or_path and not os.path.exists(name_or_path):
+        raise BackboneError(
+            f"unknown backbone {name_or_path!r}: give a hub id, a local directory, or one of {', '.join(hub.BACKBONES)}"
+        )
+    return name_or_path
+
+
+def from_pretrained(name_or_path, token, attn_implementation, local_files_only, dtype) -> DINOv3ViTModel:
+    config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path, token=token, local_files_only=local_files_only)
+    if config_dict.get("model_type") != "dinov3_vit":
+        raise BackboneError(
+            f"{name_or_path} is not a DINOv3 ViT checkpoint (its config.json has no model_type dinov3_vit): "
+            f"pass a DINOv3 backbone such as {hub.DEFAULT_BACKBONE}"
+        )
+    # The hub configs randomly shift/jitter/rescale the RoPE patch coordinates in train mode (a pretraining
+    # augmentation). Fine-tuning turns them off so training and evaluation see the same patch geometry.
+    config = DINOv3ViTConfig.from_dict(
+        {**config_dict, "pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": None}
+    )
+    return DINOv3ViTModel.from_pretrained(
+        name_or_path,
+        config=config,
+        token=token,
+        local_files_only=local_files_only,
+        attn_implementation=attn_implementation,
+        dtype=dtype,
+    )
+
+
+def load_backbone(
+    name_or_path: str, token: str | None = None, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> DINOv3ViTModel:
+    """A DINOv3 ViT from a save_pretrained directory, a hub id (local cache first, then the hub) or a weight file in
+    Meta's or timm's naming, in dtype."""
+    if is_weight_file(name_or_path) and os.path.isfile(name_or_path):
+        try:
+            return load_weight_file(name_or_path, attn_implementation, dtype)
+        except WeightFileError as error:
+            raise BackboneError(str(error)) from None
+    if not hub.is_hub_id(name_or_path):
+        if not os.path.isdir(name_or_path):
+            raise BackboneError(f"backbone directory {name_or_path} does not exist: pass a DINOv3 directory or hub id")
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise BackboneError(
+                f"{name_or_path} has no config.json: pass a DINOv3 directory written by save_pretrained"
+            )
+        try:
+            return from_pretrained(name_or_path, None, attn_implementation, local_files_only=True, dtype=dtype)
+        except OSError:
+            raise BackboneError(
+                f"{name_or_path} holds no loadable DINOv3 weights: pass a DINOv3 directory written by save_pretrained"
+            ) from None
+    try:
+        return hub.cached_or_downloaded(
+            name_or_path,
+            token,
+            lambda local_files_only: from_pretrained(
+                name_or_path, token, attn_implementation, local_files_only=local_files_only, dtype=dtype
+            ),
+        )
+    except OSError:
+        raise BackboneError(
+            f"downloading {name_or_path} from the Hugging Face hub failed: retry, or pass a local --backbone directory"
+        ) from None
+
+
+def backbone_normalization(name_or_path: str, token: str | None = None) -> tuple[tuple, tuple]:
+    """(mean, std) on a 0..1 scale from the backbone's preprocessor_config.json, ImageNet's if it has none."""
+    if not hub.is_hub_id(name_or_path):
+        path = os.path.join(name_or_path, PREPROCESSOR_CONFIG)
+        path = path if os.path.isfile(path) else None
+    else:
+        try:
+            path = hub.cached_or_downloaded(
+                name_or_path,
+                token,
+                lambda local_files_only: hf_hub_download(
+                    name_or_path, PREPROCESSOR_CONFIG, token=token, local_files_only=local_files_only
+                ),
+            )
+        except RemoteEntryNotFoundError:
+            path = None
+    if path is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    with open(path) as f:
+        preprocessor = json.load(f)
+    return tuple(preprocessor.get("image_mean", IMAGENET_MEAN)), tuple(preprocessor.get("image_std", IMAGENET_STD))
+
+
+# ----------------------------------------------------------------------------- Meta's and timm's weight files
+
+
 def read_state_dict(path) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors or .pth/.pt file; a pickle that would run code is refused (weights_only)."""
     path = Path(path)
@@ -56,9 +186,10 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError:
         raise WeightFileError(
             f"{path} needs arbitrary code to unpickle (it is not a plain state dict), so it was not loaded: "
-            "save its state_dict(), or a .safetensors file, and pass that") from None
+            "save its state_dict(), or a .safetensors file, and pass that"
+        ) from None
     except Exception as error:
-        message = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        message = first_line(error)
         raise WeightFileError(f"{path} cannot be read as a weight file ({message}): is it complete?") from None
 
 
@@ -69,20 +200,26 @@ def unwrap(state, path) -> dict[str, torch.Tensor]:
         if inner is None:
             tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
             if not any(k.endswith(ANCHOR) for k in tensors):
-                raise WeightFileError(f"{path} holds no DINOv3 state dict (top-level keys: {', '.join(list(state)[:6])})")
+                raise WeightFileError(
+                    f"{path} holds no DINOv3 state dict (top-level keys: {', '.join(list(state)[:6])})"
+                )
             state = tensors
         else:
             state = inner
     if not isinstance(state, dict):
         raise WeightFileError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
-    prefixes = sorted({k[:-len(ANCHOR)] for k in state if k.endswith(ANCHOR)},
-                      key=lambda p: (not p.startswith("teacher"), len(p)))
+    prefixes = sorted(
+        {k[: -len(ANCHOR)] for k in state if k.endswith(ANCHOR)}, key=lambda p: (not p.startswith("teacher"), len(p))
+    )
     if not prefixes:
-        hint = (": it is in transformers' naming; pass the directory save_pretrained wrote"
-                if any(k.endswith("embeddings.patch_embeddings.weight") for k in state) else "")
+        hint = (
+            ": it is in transformers' naming; pass the directory save_pretrained wrote"
+            if any(k.endswith("embeddings.patch_embeddings.weight") for k in state)
+            else ""
+        )
         raise WeightFileError(f"{path} has no {ANCHOR}, so it is no DINOv3 ViT in Meta's or timm's naming{hint}")
     prefix = prefixes[0]  # the teacher's weights where a training checkpoint holds teacher and student
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def split_qkv(layer: str, kind: str, tensor: torch.Tensor, state) -> dict[str, torch.Tensor]:
@@ -115,8 +252,10 @@ def to_transformers_names(state: dict[str, torch.Tensor], path) -> dict[str, tor
         else:
             unknown.append(key)
     if unknown:
-        raise WeightFileError(f"{path} has {len(unknown)} key(s) a DINOv3 ViT does not have: {', '.join(unknown[:5])}"
-                              f"{' ...' if len(unknown) > 5 else ''}; refusing to load it partly")
+        raise WeightFileError(
+            f"{path} has {len(unknown)} key(s) a DINOv3 ViT does not have: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''}; refusing to load it partly"
+        )
     return renamed
 
 
@@ -132,8 +271,10 @@ def rope_settings(periods: torch.Tensor | None, path) -> tuple[int | None, float
     theta = round(theta) if abs(theta - round(theta)) < 1e-3 * theta else theta
     standard = theta ** (4 * torch.arange(len(periods), dtype=torch.float64) / head_dim)
     if not torch.allclose(periods, standard, rtol=1e-2):
-        raise WeightFileError(f"{path}: rope_embed.periods are not base ** (4 i / head_dim) for any base (a min/max-"
-                              "period RoPE?), which transformers' DINOv3 cannot reproduce")
+        raise WeightFileError(
+            f"{path}: rope_embed.periods are not base ** (4 i / head_dim) for any base (a min/max-"
+            "period RoPE?), which transformers' DINOv3 cannot reproduce"
+        )
     return head_dim, float(theta)
 
 
@@ -154,14 +295,27 @@ def infer_config(weights: dict[str, torch.Tensor], periods, path, attn_implement
     has = lambda suffix: any(k.endswith(suffix) for k in weights)  # noqa: E731
     registers = weights.get("embeddings.register_tokens")
     config = DINOv3ViTConfig(
-        hidden_size=hidden, num_hidden_layers=layers[-1] + 1, num_attention_heads=hidden // head_dim,
-        intermediate_size=up[0].shape[0], patch_size=patch, num_channels=channels, layer_norm_eps=DINOV3_EPS,
-        rope_theta=theta, num_register_tokens=0 if registers is None else registers.shape[1],
-        use_gated_mlp=has("mlp.gate_proj.weight"), hidden_act="silu" if has("mlp.gate_proj.weight") else "gelu",
-        query_bias=has("q_proj.bias"), key_bias=has("k_proj.bias"), value_bias=has("v_proj.bias"),
-        proj_bias=has("o_proj.bias"), mlp_bias=has("up_proj.bias"), layerscale_value=1.0,
+        hidden_size=hidden,
+        num_hidden_layers=layers[-1] + 1,
+        num_attention_heads=hidden // head_dim,
+        intermediate_size=up[0].shape[0],
+        patch_size=patch,
+        num_channels=channels,
+        layer_norm_eps=DINOV3_EPS,
+        rope_theta=theta,
+        num_register_tokens=0 if registers is None else registers.shape[1],
+        use_gated_mlp=has("mlp.gate_proj.weight"),
+        hidden_act="silu" if has("mlp.gate_proj.weight") else "gelu",
+        query_bias=has("q_proj.bias"),
+        key_bias=has("k_proj.bias"),
+        value_bias=has("v_proj.bias"),
+        proj_bias=has("o_proj.bias"),
+        mlp_bias=has("up_proj.bias"),
+        layerscale_value=1.0,
         # the hub configs' RoPE shift/jitter/rescale are a pre-training augmentation: off for fine-tuning
-        pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,
+        pos_embed_shift=None,
+        pos_embed_jitter=None,
+        pos_embed_rescale=None,
     )
     config._attn_implementation = attn_implementation
     return config
@@ -170,8 +324,10 @@ def infer_config(weights: dict[str, torch.Tensor], periods, path, attn_implement
 def fill_unused(weights, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the file may lack by design: the mask token (pre-training only), layer scale in a model trained without
     it (identity), a key bias in the layers that have none (zero), the empty register block of a model without."""
-    unused = re.compile(r"embeddings\.(mask_token|register_tokens)"
-                        r"|model\.layer\.\d+\.(layer_scale[12]\.lambda1|attention\.k_proj\.bias)")
+    unused = re.compile(
+        r"embeddings\.(mask_token|register_tokens)"
+        r"|model\.layer\.\d+\.(layer_scale[12]\.lambda1|attention\.k_proj\.bias)"
+    )
     layer_scale = any("layer_scale" in k for k in weights)
     filled = dict(weights)
     for key, tensor in expected.items():
@@ -185,12 +341,19 @@ def check_complete(weights, expected, path) -> None:
     if missing:
         blocks = sorted({int(m.group(1)) for k in missing if (m := re.match(r"model\.layer\.(\d+)\.", k))})
         where = f" (block {', '.join(map(str, blocks))})" if blocks else ""
-        raise WeightFileError(f"{path} is missing {len(missing)} weight(s){where}, e.g. {', '.join(missing[:3])} in "
-                              "transformers' naming: is the file complete?")
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(t.shape)})" for k, t in expected.items()
-             if weights[k].shape != t.shape]
+        raise WeightFileError(
+            f"{path} is missing {len(missing)} weight(s){where}, e.g. {', '.join(missing[:3])} in "
+            "transformers' naming: is the file complete?"
+        )
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(t.shape)})"
+        for k, t in expected.items()
+        if weights[k].shape != t.shape
+    ]
     if wrong:
-        raise WeightFileError(f"{path}: tensor shapes disagree with the architecture they imply: {', '.join(wrong[:2])}")
+        raise WeightFileError(
+            f"{path}: tensor shapes disagree with the architecture they imply: {', '.join(wrong[:2])}"
+        )
 
 
 def load_weight_file(path, attn_implementation="sdpa", dtype=torch.float32) -> DINOv3ViTModel:
@@ -210,7 +373,20 @@ def load_weight_file(path, attn_implementation="sdpa", dtype=torch.float32) -> D
 
 def architecture(config: DINOv3ViTConfig) -> dict:
     """What config.json records of a backbone, wherever it came from."""
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-            "num_register_tokens", "use_gated_mlp", "query_bias", "key_bias", "value_bias", "rope_theta")
-    return {**{k: getattr(config, k) for k in keys}, "weights_format": getattr(config, "weights_format", "transformers")}
-
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "patch_size",
+        "num_register_tokens",
+        "use_gated_mlp",
+        "query_bias",
+        "key_bias",
+        "value_bias",
+        "rope_theta",
+    )
+    return {
+        **{k: getattr(config, k) for k in keys},
+        "weights_format": getattr(config, "weights_format", "transformers"),
+    }

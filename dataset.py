@@ -1,19 +1,13 @@
-"""SAR-RARP50 release on disk -> validated, split, augmented training samples.
+"""Samples of the SAR-RARP50 release (discovery.py finds and checks them) -> split by operation, augmented, batched.
 
-Layout (see README): ROOT/{train,test}/video_XX/segmentation/{i:09d}.png holds the mask of
-frame i of video_left.avi, and frames/{i:09d}.png (or the official toolkit's rgb/) the frame.
 Images leave this module as uint8 RGB at training resolution (normalised on the device by the
 model: uint8 is 4x cheaper to pass between worker processes); masks stay at full resolution
 because logits are upsampled to the source resolution for the loss and the score.
 """
+
 import collections
-import json
-import os
 import random
 import re
-import struct
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,26 +15,30 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
+
+import files
 
 # OpenCV's own thread pool deadlocks in forked children (DataLoader workers, process pools) once the
 # parent has used it; the pipeline parallelises with processes instead.
 cv2.setNumThreads(0)
 
 CLASS_NAMES = (
-    "background", "tool clasper", "tool wrist", "tool shaft", "suturing needle",
-    "thread", "suction tool", "needle holder", "clamps", "catheter",
+    "background",
+    "tool clasper",
+    "tool wrist",
+    "tool shaft",
+    "suturing needle",
+    "thread",
+    "suction tool",
+    "needle holder",
+    "clamps",
+    "catheter",
 )
 NUM_CLASSES = len(CLASS_NAMES)
+THIN_CLASSES = ("suturing needle", "thread")  # the classes a 16-pixel patch grid struggles with, marked in every table
 IGNORE_INDEX = 255  # mask value for pixels that carry no label (augmentation fill, padding)
 PATCH_SIZE = 16
-FRAME_FOLDERS = ("frames", "rgb")  # ours, and the official toolkit's
 RESOLUTION_SCALES = {"full": 1.0, "half": 0.5, "quarter": 0.25}
-STATISTICS_FILE = "mask_statistics.json"
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-PNG_GREY, PNG_PALETTE = 0, 3
 
 
 class DataError(ValueError):
@@ -55,28 +53,16 @@ class Sample:
 
 
 def read_png_header(path: Path) -> tuple[int, int, int, int]:
-    """(width, height, bit depth, colour type) from the IHDR chunk; refuses truncated files."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(26)
-            if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
-                raise DataError(f"{path}: not a PNG file")
-            file.seek(-len(PNG_END), os.SEEK_END)
-            tail = file.read()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror})") from None
-    if tail != PNG_END:
-        raise DataError(f"{path}: truncated PNG (it does not end with an IEND chunk)")
-    width, height = struct.unpack(">II", head[16:24])
-    return width, height, head[24], head[25]
+    """(width, height, bit depth, colour type); refuses truncated files."""
+    return files.read_png_header(path, DataError)
 
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask as a 2-D uint8 array of class ids; palette PNGs are refused (OpenCV would return colours)."""
     _, _, bit_depth, colour_type = read_png_header(path)
-    if colour_type == PNG_PALETTE:
+    if colour_type == files.PNG_PALETTE:
         raise DataError(f"{path}: palette PNG; masks must be 8-bit greyscale class ids")
-    if (bit_depth, colour_type) != (8, PNG_GREY):
+    if (bit_depth, colour_type) != (8, files.PNG_GREY):
         raise DataError(f"{path}: masks must be 8-bit single-channel PNGs")
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
@@ -91,213 +77,17 @@ def read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def first_line(error: BaseException, limit: int = 120) -> str:
-    """The first line of an error's message (its type's name if it has none), shortened to limit characters."""
-    return ((str(error).strip().splitlines() or [type(error).__name__])[0])[:limit]
+# ----------------------------------------------------------------------------- split
 
-
-def report(error: DataError, skip_bad: bool) -> None:
-    if not skip_bad:
-        raise error
-    warnings.warn(f"skipping: {error}", stacklevel=2)
-
-
-# ----------------------------------------------------------------------------- discovery
-
-def find_folders(root: Path, is_wanted) -> list[Path]:
-    """The folders at or under root for which is_wanted(folder) holds, without looking inside them. Symbolic links to
-    folders are followed (Path.rglob does not), each real folder once; a link back up to root or above is a loop and
-    is not followed."""
-    found, seen, top = [], set(), os.path.realpath(root)
-    for directory, subdirectories, _ in os.walk(root, followlinks=True):
-        subdirectories.sort()
-        real = os.path.realpath(directory)
-        if real in seen or (real != top and os.path.commonpath([real, top]) == real):
-            subdirectories.clear()
-            continue
-        seen.add(real)
-        if is_wanted(Path(directory)):
-            found.append(Path(directory))
-            subdirectories.clear()
-    return found
-
-
-def find_video_dirs(root: Path) -> list[Path]:
-    """Every video folder (one with a segmentation/ subfolder) under root, sorted by name; two of one name are an
-    error, as their frames and scores would be confused."""
-    videos = sorted(find_folders(root, lambda folder: (folder / "segmentation").is_dir()), key=lambda p: p.name)
-    for first, second in zip(videos, videos[1:]):
-        if first.name == second.name:
-            raise DataError(f"two video folders are named {first.name}: {first} and {second}; keep one of them")
-    return videos
-
-
-MASK_NAME = re.compile(r"\d{9}\.png")
-
-
-def frame_index(mask: Path) -> int:
-    """The index of the video frame a mask labels, read from its name as the release writes it ({index:09d}.png)."""
-    if not MASK_NAME.fullmatch(mask.name):
-        raise DataError(f"{mask}: a mask must be named by the index of its frame in video_left.avi, zero-padded to 9 "
-                        "digits (e.g. 000000060.png): rename or remove it")
-    return int(mask.stem)
-
-
-def video_masks(video_dir: Path) -> list[Path]:
-    """The mask files of one video folder; an empty segmentation/ is an error naming the video."""
-    masks = sorted((video_dir / "segmentation").glob("*.png"))
-    if not masks:
-        raise DataError(f"{video_dir / 'segmentation'}: no masks (*.png) for video {video_dir.name}: unpack the "
-                        "video's masks there, or move the folder out of the dataset")
-    return masks
-
-
-def find_samples(video_dirs: list[Path], skip_bad: bool = False) -> list[Sample]:
-    """Pair each mask with its frame (frames/ or rgb/, same file name)."""
-    samples = []
-    for video_dir in video_dirs:
-        try:
-            masks = video_masks(video_dir)
-        except DataError as error:
-            report(error, skip_bad)
-            continue
-        for mask in masks:
-            try:
-                frame_index(mask)
-            except DataError as error:
-                report(error, skip_bad)
-                continue
-            image = next((video_dir / f / mask.name for f in FRAME_FOLDERS if (video_dir / f / mask.name).exists()), None)
-            if image is None:
-                report(DataError(f"{mask}: no frame for this mask (expected {video_dir / 'frames' / mask.name}; "
-                                 "run scripts/extract_frames.sh)"), skip_bad)
-                continue
-            samples.append(Sample(video_dir.name, image, mask))
-    return samples
-
-
-def mask_statistics(path: Path) -> dict:
-    """Size and per-class pixel counts of one mask; refuses class ids above 9."""
-    mask = read_mask(path)
-    counts = np.bincount(mask.ravel(), minlength=256)
-    if counts[NUM_CLASSES:].any():
-        bad = np.flatnonzero(counts[NUM_CLASSES:]) + NUM_CLASSES
-        raise DataError(f"{path}: class ids {', '.join(map(str, bad[:5]))} above {NUM_CLASSES - 1}")
-    return {"shape": list(mask.shape), "pixels": counts[:NUM_CLASSES].tolist()}
-
-
-def scan_samples(samples: list[Sample], statistics_file: Path | None = None,
-                 skip_bad: bool = False) -> tuple[list[Sample], np.ndarray, tuple[int, int]]:
-    """Validate every sample in parallel; returns the good ones, their per-class pixel counts and the source size.
-
-    Mask pixel counts are cached in statistics_file keyed by path, size and modification time,
-    so the masks are read once; frame headers are checked on every call (they are cheap).
-    """
-    cache = {}
-    if statistics_file is not None and statistics_file.exists():
-        try:
-            cache = json.loads(statistics_file.read_text())
-        except (OSError, ValueError):
-            pass
-        cache = cache if isinstance(cache, dict) else {}
-
-    def scan(sample: Sample):
-        stat = sample.mask.stat()
-        key = str(sample.mask.resolve())
-        entry = cache.get(key)
-        if not entry or (entry["size"], entry["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
-            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **mask_statistics(sample.mask)}
-        width, height, _, _ = read_png_header(sample.image)
-        if [height, width] != entry["shape"]:
-            raise DataError(f"{sample.image}: frame is {width}x{height} but its mask is "
-                            f"{entry['shape'][1]}x{entry['shape'][0]}")
-        return key, entry
-
-    def scan_or_error(sample: Sample):
-        try:
-            return scan(sample)
-        except DataError as error:
-            return error
-
-    good, counts, shapes = [], [], set()
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        results = pool.map(scan_or_error, samples)
-        for sample, result in zip(samples, tqdm(results, total=len(samples), desc="checking masks", unit="mask",
-                                                 leave=False, disable=len(samples) < 200)):
-            if isinstance(result, DataError):
-                report(result, skip_bad)
-                continue
-            key, entry = result
-            cache[key] = entry
-            good.append(sample)
-            counts.append(entry["pixels"])
-            shapes.add(tuple(entry["shape"]))
-    if not good:
-        raise DataError("no usable samples found")
-    if len(shapes) > 1:
-        raise DataError(f"videos differ in size ({', '.join(f'{w}x{h}' for h, w in sorted(shapes))}); "
-                        "one run trains on one source resolution")
-    if statistics_file is not None:
-        try:
-            write_json_atomically(statistics_file, cache)
-        except OSError:
-            pass  # a read-only dataset still works, it is only scanned again next time
-    return good, np.array(counts, dtype=np.int64), shapes.pop()
-
-
-def partial_path(path: Path) -> Path:
-    """Where path is written before it is renamed into place: hidden, and named by the writing process."""
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
-
-
-def remove_partial_files(folder: Path) -> None:
-    """Delete what killed writes left in folder (partial_path files of processes no longer running)."""
-    for leftover in folder.glob(".*.partial"):
-        pid = leftover.name.rsplit(".", 2)[-2]
-        if not pid.isdigit() or not process_is_running(int(pid)):
-            leftover.unlink(missing_ok=True)
-
-
-def process_is_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process has nothing half-written at the moment it cleans up
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write under a temporary name, then rename: a killed run never leaves a truncated file under the real name."""
-    temporary = partial_path(path)
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
-def write_json_atomically(path: Path, data) -> None:
-    write_bytes_atomically(path, json.dumps(data, indent=1).encode())
-
-
-def write_image_atomically(path: Path, image: np.ndarray, parameters=()) -> None:
-    """Encode by the file's extension (.png, .jpg) and write atomically."""
-    ok, encoded = cv2.imencode(path.suffix, image, list(parameters))
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    write_bytes_atomically(path, encoded.tobytes())
-
-
-# ----------------------------------------------------------------------------- split and weights
 
 def operation_name(video: str) -> str:
     """video_11_1 and video_11_2 are two parts of one operation; they must stay on one side of the split."""
     return re.sub(r"^(video_\d+)_\d+$", r"\1", video)
 
 
-def split_by_video(videos: list[str], val_fraction: float = 0.2, seed: int = 0,
-                   val_videos: list[str] | None = None) -> tuple[list[str], list[str]]:
+def split_by_video(
+    videos: list[str], val_fraction: float = 0.2, seed: int = 0, val_videos: list[str] | None = None
+) -> tuple[list[str], list[str]]:
     """Train/validation split by operation, never by frame (neighbouring frames are near-duplicates)."""
     videos = sorted(set(videos))
     operations = sorted({operation_name(v) for v in videos})
@@ -347,21 +137,8 @@ def fold_groups(frames_per_video: dict[str, int], folds: int, seed: int = 0) -> 
     return [sorted(v for v in frames_per_video if group_of[operation_name(v)] == g) for g in range(folds)]
 
 
-CLASS_WEIGHTS = {  # name: (formula, weights of the per-class pixel frequencies f over the training split)
-    "enet": ("w = 1 / ln(1.02 + f) (ENet, Paszke et al. 2016): rare classes weigh more, at most 1/ln(1.02) = 50.5",
-             lambda f: 1.0 / np.log(1.02 + f)),
-    "one-minus-frequency": ("w = 1 - f (the design we start from): every class near 1, frequent ones a little less",
-                            lambda f: 1.0 - f),
-    "none": ("w = 1: plain cross entropy", np.ones_like),
-}
-
-
-def class_weights_from_frequencies(frequencies: np.ndarray, kind: str = "enet") -> np.ndarray:
-    """Loss weight of every class from its pixel frequency, by one of the CLASS_WEIGHTS formulas."""
-    return CLASS_WEIGHTS[kind][1](np.asarray(frequencies, dtype=np.float64))
-
-
 # ----------------------------------------------------------------------------- resolution and augmentation
+
 
 def training_size(source_size: tuple[int, int], scale: float) -> tuple[tuple[int, int], tuple[int, int]]:
     """(content, padded) sizes as (height, width): the scaled frame, and that padded up to multiples of 16."""
@@ -389,23 +166,36 @@ AUGMENTATIONS = ("default", "seed")
 
 def spatial_augmentation(kind: str = "default") -> A.Compose:
     """default: ours; seed: the design we start from's random affine (always applied) and flip."""
-    affine = dict(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.7) if kind == "default" else \
-        dict(scale=(0.7, 1.3), translate_percent=(-0.2, 0.2), rotate=(-15, 15), shear=(-10, 10), p=1.0)
-    return A.Compose([
-        A.HorizontalFlip(p=0.5),
-        FullResolutionMaskAffine(**affine, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
-                                 fill=0, fill_mask=IGNORE_INDEX),
-    ], is_check_shapes=False)  # the mask is at full resolution, the image at training resolution
+    affine = (
+        dict(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.7)
+        if kind == "default"
+        else dict(scale=(0.7, 1.3), translate_percent=(-0.2, 0.2), rotate=(-15, 15), shear=(-10, 10), p=1.0)
+    )
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            FullResolutionMaskAffine(
+                **affine,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+            ),
+        ],
+        is_check_shapes=False,
+    )  # the mask is at full resolution, the image at training resolution
 
 
 def colour_augmentation(kind: str = "default") -> A.Compose:
     if kind == "seed":
         return A.Compose([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1, p=1.0)])
-    return A.Compose([
-        A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.03, p=0.8),
-        A.RandomGamma(gamma_limit=(80, 120), p=0.3),
-        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.01, 0.05))], p=0.3),
-    ])
+    return A.Compose(
+        [
+            A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.03, p=0.8),
+            A.RandomGamma(gamma_limit=(80, 120), p=0.3),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.01, 0.05))], p=0.3),
+        ]
+    )
 
 
 def cached_frame_path(image: Path, content_size: tuple[int, int]) -> Path:
@@ -434,7 +224,7 @@ def read_scaled_image(image: Path, content_size: tuple[int, int], use_cache: boo
     scaled = scale_image(read_image(image), content_size)
     if use_cache:
         cached.parent.mkdir(exist_ok=True)
-        write_image_atomically(cached, cv2.cvtColor(scaled, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        files.write_image_atomically(cached, cv2.cvtColor(scaled, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
     return scaled
 
 
@@ -447,8 +237,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
     loads it: a resumed run sees exactly the images an uninterrupted one would have.
     """
 
-    def __init__(self, samples: list[Sample], source_size: tuple[int, int], scale: float = 0.5,
-                 augment: bool = False, cache_frames: bool = False, seed: int = 0, augmentation: str = "default"):
+    def __init__(
+        self,
+        samples: list[Sample],
+        source_size: tuple[int, int],
+        scale: float = 0.5,
+        augment: bool = False,
+        cache_frames: bool = False,
+        seed: int = 0,
+        augmentation: str = "default",
+    ):
         self.samples = samples
         self.seed, self.epoch = seed, 0
         self.source_size = source_size
@@ -465,8 +263,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = read_scaled_image(sample.image, self.content_size, self.cache_frames)
         mask = read_mask(sample.mask)
         if mask.shape != self.source_size:
-            raise DataError(f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, expected "
-                            f"{self.source_size[1]}x{self.source_size[0]}")
+            raise DataError(
+                f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, expected "
+                f"{self.source_size[1]}x{self.source_size[0]}"
+            )
         if self.spatial is not None:
             sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
             self.spatial.set_random_seed(sample_seed)
@@ -475,6 +275,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image = self.colour(image=augmented["image"])["image"]
             mask = augmented["mask"]
         padded = np.zeros((*self.padded_size, 3), dtype=np.uint8)
-        padded[:image.shape[0], :image.shape[1]] = image
-        return {"image": torch.from_numpy(padded).permute(2, 0, 1).contiguous(),
-                "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": index}
+        padded[: image.shape[0], : image.shape[1]] = image
+        return {
+            "image": torch.from_numpy(padded).permute(2, 0, 1).contiguous(),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "index": index,
+        }

@@ -1,10 +1,41 @@
-"""Training losses for full-resolution segmentation logits."""
+"""The training loss, built from the config: class-weighted cross entropy on full-resolution logits, optionally plus
+a soft Dice term; the class weights come from each class's pixel frequency over the training split."""
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dataset import IGNORE_INDEX, NUM_CLASSES
 
 LOSSES = ("ce", "ce+dice")
+CLASS_WEIGHTS = {  # name: (formula, weights of the per-class pixel frequencies f over the training split)
+    "enet": (
+        "w = 1 / ln(1.02 + f) (ENet, Paszke et al. 2016): rare classes weigh more, at most 1/ln(1.02) = 50.5",
+        lambda f: 1.0 / np.log(1.02 + f),
+    ),
+    "one-minus-frequency": (
+        "w = 1 - f (the design we start from): every class near 1, frequent ones a little less",
+        lambda f: 1.0 - f,
+    ),
+    "none": ("w = 1: plain cross entropy", np.ones_like),
+}
+
+
+def class_weights_from_frequencies(frequencies: np.ndarray, kind: str = "enet") -> np.ndarray:
+    """Loss weight of every class from its pixel frequency, by one of the CLASS_WEIGHTS formulas."""
+    return CLASS_WEIGHTS[kind][1](np.asarray(frequencies, dtype=np.float64))
+
+
+def make_loss(config, class_weights: torch.Tensor):
+    """loss(logits, target) of config.loss ("ce" or "ce+dice", the Dice term weighing config.dice_weight)."""
+
+    def loss(logits, target):
+        value = weighted_cross_entropy(logits, target, class_weights)
+        if config.loss == "ce+dice":
+            value = value + config.dice_weight * soft_dice_loss(logits, target)
+        return value
+
+    return loss
 
 
 def weighted_cross_entropy(logits, target, class_weights):

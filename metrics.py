@@ -12,10 +12,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+import files
 from dataset import CLASS_NAMES, NUM_CLASSES
 
 SCORED_CLASSES = range(1, NUM_CLASSES)  # background is never scored
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
@@ -26,8 +26,10 @@ class PredictionError(ValueError):
 # -----------------------------------------------------------------------------
 # one frame
 
-def reference_frame_scores(prediction: np.ndarray, ground_truth: np.ndarray,
-                           tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+
+def reference_frame_scores(
+    prediction: np.ndarray, ground_truth: np.ndarray, tolerance: float = 10.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Full-frame distance transforms per class, as the challenge toolkit does; kept for tests and benchmarks."""
     iou, nsd = np.ones(NUM_CLASSES - 1), np.ones(NUM_CLASSES - 1)
     for k, c in enumerate(SCORED_CLASSES):
@@ -59,8 +61,9 @@ def _within(edge_from, edge_to, tolerance):
     return np.sqrt(np.rint(distance.astype(np.float64) ** 2)) <= tolerance
 
 
-def frame_record(prediction: np.ndarray, ground_truth: np.ndarray,
-                 tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def frame_record(
+    prediction: np.ndarray, ground_truth: np.ndarray, tolerance: float = 10.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """frame_scores' (iou, nsd) and present: which classes 1..9 are in the prediction or the ground truth."""
     if prediction.shape != ground_truth.shape:
         raise ValueError(f"prediction {prediction.shape} and ground truth {ground_truth.shape} differ in shape")
@@ -89,8 +92,9 @@ def frame_record(prediction: np.ndarray, ground_truth: np.ndarray,
     return iou, nsd, present
 
 
-def frame_scores(prediction: np.ndarray, ground_truth: np.ndarray,
-                 tolerance: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+def frame_scores(
+    prediction: np.ndarray, ground_truth: np.ndarray, tolerance: float = 10.0
+) -> tuple[np.ndarray, np.ndarray]:
     """IoU and NSD of classes 1..9, each class on a crop around it; equal to reference_frame_scores."""
     return frame_record(prediction, ground_truth, tolerance)[:2]
 
@@ -106,6 +110,7 @@ def confusion_matrix(prediction: np.ndarray, ground_truth: np.ndarray, num_class
 # -----------------------------------------------------------------------------
 # frames -> videos -> dataset
 
+
 def seed_miou(records: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
     """The seed pipeline's own metric, NOT the official score: each frame's mean IoU over the classes in its
     prediction or ground truth (a frame with none is skipped), then the mean over every frame of every video
@@ -119,8 +124,10 @@ def summarize(frame_results: dict[str, list[tuple]]) -> dict:
     means (every video weighs the same); with presence on every frame, also "seed_mIoU" (see seed_miou)."""
     if not frame_results or not all(frame_results.values()):
         raise ValueError("every video needs at least one scored frame")
-    per_video = {name: np.array([frame[:2] for frame in frames], dtype=np.float64).mean(axis=0)
-                 for name, frames in frame_results.items()}
+    per_video = {
+        name: np.array([frame[:2] for frame in frames], dtype=np.float64).mean(axis=0)
+        for name, frames in frame_results.items()
+    }
     per_class = np.mean(list(per_video.values()), axis=0)  # (2, 9): IoU and NSD per class, mean over videos
     miou, mnsd = per_class.mean(axis=1)
     records = [frame for frames in frame_results.values() for frame in frames]
@@ -129,10 +136,14 @@ def summarize(frame_results: dict[str, list[tuple]]) -> dict:
         "mIoU": float(miou),
         "mNSD": float(mnsd),
         "score": float(np.sqrt(miou * mnsd)),
-        "videos": {name: {"mIoU": float(v[0].mean()), "mNSD": float(v[1].mean()), "frames": len(frame_results[name])}
-                   for name, v in per_video.items()},
-        "classes": {CLASS_NAMES[c]: {"IoU": float(per_class[0, k]), "NSD": float(per_class[1, k])}
-                    for k, c in enumerate(SCORED_CLASSES)},
+        "videos": {
+            name: {"mIoU": float(v[0].mean()), "mNSD": float(v[1].mean()), "frames": len(frame_results[name])}
+            for name, v in per_video.items()
+        },
+        "classes": {
+            CLASS_NAMES[c]: {"IoU": float(per_class[0, k]), "NSD": float(per_class[1, k])}
+            for k, c in enumerate(SCORED_CLASSES)
+        },
         "frames": len(records),
         **seed,
     }
@@ -140,9 +151,6 @@ def summarize(frame_results: dict[str, list[tuple]]) -> dict:
 
 # -----------------------------------------------------------------------------
 # directories on disk
-
-# Colour PNGs the official toolkit reads (cv2.imread, then channel 0 of the BGR image): RGB, grey + alpha, RGBA.
-TOOLKIT_COLOUR_TYPES = (2, 4, 6)
 
 
 def read_label_png(path, as_toolkit=False) -> np.ndarray:
@@ -152,13 +160,13 @@ def read_label_png(path, as_toolkit=False) -> np.ndarray:
         data = Path(path).read_bytes()
     except OSError as error:
         raise PredictionError(f"{path}: cannot read ({error.strerror})") from None
-    # IHDR is always the first chunk: signature, length, b"IHDR", width, height, bit depth, colour type
-    if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+    header = files.png_header(data[:26])
+    if header is None:
         raise PredictionError(f"{path}: not a PNG file")
-    bit_depth, colour_type = data[24], data[25]
-    if colour_type == 3:
+    _, _, bit_depth, colour_type = header
+    if colour_type == files.PNG_PALETTE:
         raise PredictionError(f"{path}: palette PNG; write class ids as 8-bit single-channel greyscale")
-    colour = as_toolkit and bit_depth == 8 and colour_type in TOOLKIT_COLOUR_TYPES
+    colour = as_toolkit and bit_depth == 8 and colour_type in files.PNG_COLOUR_TYPES  # as cv2.imread reads them
     if not colour and (bit_depth != 8 or colour_type != 0):
         raise PredictionError(f"{path}: {bit_depth}-bit PNG of colour type {colour_type}; need 8-bit single-channel")
     labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR if colour else cv2.IMREAD_UNCHANGED)
@@ -173,16 +181,18 @@ def read_label_png(path, as_toolkit=False) -> np.ndarray:
 
 def png_has_colour(path) -> bool:
     with open(path, "rb") as file:
-        header = file.read(26)
-    return len(header) == 26 and header[25] in TOOLKIT_COLOUR_TYPES
+        header = files.png_header(file.read(26))
+    return header is not None and header[3] in files.PNG_COLOUR_TYPES
 
 
 def _score_files(paths):
     ground_truth_path, prediction_path = paths
     ground_truth, prediction = read_label_png(ground_truth_path), read_label_png(prediction_path, as_toolkit=True)
     if prediction.shape != ground_truth.shape:
-        raise PredictionError(f"{prediction_path}: size {prediction.shape[1]}x{prediction.shape[0]}, "
-                              f"ground truth is {ground_truth.shape[1]}x{ground_truth.shape[0]}")
+        raise PredictionError(
+            f"{prediction_path}: size {prediction.shape[1]}x{prediction.shape[0]}, "
+            f"ground truth is {ground_truth.shape[1]}x{ground_truth.shape[0]}"
+        )
     return (*frame_record(prediction, ground_truth), confusion_matrix(prediction, ground_truth))
 
 
@@ -193,15 +203,8 @@ def false_positive_pixels(confusion: np.ndarray) -> np.ndarray:
     return np.where(absent, confusion.sum(0)[1:], 0)
 
 
-def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None = None, progress: bool = True,
-                         videos: list[str] | None = None, per_frame: bool = False) -> dict:
-    """Official score of PRED/video_*/segmentation/*.png against the same names under GT; missing files score 0.
-
-    videos: only these video folders of GT (e.g. a validation split); default every one.
-    per_frame: also "per_frame", one record per ground-truth mask (video, frame, IoU, NSD, false_positives, missing),
-    in the order the averages take them.
-    """
-    ground_truth_dir, prediction_dir = Path(ground_truth_dir), Path(prediction_dir)
+def ground_truth_masks(ground_truth_dir: Path, videos: list[str] | None) -> list[Path]:
+    """GT/video_*/segmentation/*.png relative to GT, of these videos (default every one); each video needs a mask."""
     video_dirs = sorted(ground_truth_dir.glob("video_*"))
     if videos is not None:
         absent = sorted(set(videos) - {video.name for video in video_dirs})
@@ -211,42 +214,85 @@ def evaluate_directories(ground_truth_dir, prediction_dir, workers: int | None =
     video_dirs = [video for video in video_dirs if (video / "segmentation").is_dir()]
     for video in video_dirs:
         if not any((video / "segmentation").glob("*.png")):
-            raise ValueError(f"{video / 'segmentation'}: no ground-truth masks for video {video.name}: unpack its "
-                             "masks there, or move the folder out of the dataset")
-    masks = [mask.relative_to(ground_truth_dir) for video in video_dirs
-             for mask in sorted((video / "segmentation").glob("*.png"))]
+            raise ValueError(
+                f"{video / 'segmentation'}: no ground-truth masks for video {video.name}: unpack its "
+                "masks there, or move the folder out of the dataset"
+            )
+    masks = [
+        mask.relative_to(ground_truth_dir)
+        for video in video_dirs
+        for mask in sorted((video / "segmentation").glob("*.png"))
+    ]
     if not masks:
         raise ValueError(f"{ground_truth_dir}: no video_*/segmentation/*.png ground-truth masks")
-    has_prediction = {m: (prediction_dir / m).is_file() for m in masks}
-    found = [m for m in masks if has_prediction[m]]
-    missing = [m for m in masks if not has_prediction[m]]
-    if not found:
-        raise PredictionError(f"{prediction_dir} holds no prediction for any of the {len(masks)} ground-truth masks "
-                              f"(the first would be {prediction_dir / masks[0]}): is it the right folder?")
-    if os.path.samefile(ground_truth_dir / found[0], prediction_dir / found[0]):
-        raise PredictionError(f"{prediction_dir} is the ground truth itself ({ground_truth_dir}): pass a folder of "
-                              "predictions")
-    coloured = [m.as_posix() for m in found if png_has_colour(prediction_dir / m)]
-    jobs = [(ground_truth_dir / m, prediction_dir / m) for m in found]
+    return masks
+
+
+def score_files(jobs: list[tuple[Path, Path]], workers: int | None, progress: bool) -> list:
+    """_score_files of every (ground truth, prediction) pair, in parallel processes."""
     workers = workers or os.cpu_count()
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         scored = pool.map(_score_files, jobs, chunksize=4) if pool else map(_score_files, jobs)
-        scored = list(tqdm(scored, total=len(jobs), desc="scoring", unit="frame", disable=not progress))
+        return list(tqdm(scored, total=len(jobs), desc="scoring", unit="frame", disable=not progress))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    scored = dict(zip(found, scored))
+
+
+def evaluate_directories(
+    ground_truth_dir,
+    prediction_dir,
+    workers: int | None = None,
+    progress: bool = True,
+    videos: list[str] | None = None,
+    per_frame: bool = False,
+) -> dict:
+    """Official score of PRED/video_*/segmentation/*.png against the same names under GT; missing files score 0.
+
+    videos: only these video folders of GT (e.g. a validation split); default every one.
+    per_frame: also "per_frame", one record per ground-truth mask (video, frame, IoU, NSD, false_positives, missing),
+    in the order the averages take them.
+    """
+    ground_truth_dir, prediction_dir = Path(ground_truth_dir), Path(prediction_dir)
+    masks = ground_truth_masks(ground_truth_dir, videos)
+    found = [m for m in masks if (prediction_dir / m).is_file()]
+    if not found:
+        raise PredictionError(
+            f"{prediction_dir} holds no prediction for any of the {len(masks)} ground-truth masks "
+            f"(the first would be {prediction_dir / masks[0]}): is it the right folder?"
+        )
+    if os.path.samefile(ground_truth_dir / found[0], prediction_dir / found[0]):
+        raise PredictionError(
+            f"{prediction_dir} is the ground truth itself ({ground_truth_dir}): pass a folder of predictions"
+        )
+    coloured = [m.as_posix() for m in found if png_has_colour(prediction_dir / m)]
+    scored = dict(
+        zip(found, score_files([(ground_truth_dir / m, prediction_dir / m) for m in found], workers, progress))
+    )
     zero = np.zeros(NUM_CLASSES - 1)
     frame_results, frames = {m.parts[0]: [] for m in masks}, []
     for m in masks:  # no prediction: 0 on every class, seed mIoU too; nothing added to the confusion matrix
         iou, nsd, present, confusion = scored.get(m, (zero, zero, np.ones(NUM_CLASSES - 1, bool), None))
         frame_results[m.parts[0]].append((iou, nsd, present))
         false_positives = zero.astype(np.int64) if confusion is None else false_positive_pixels(confusion)
-        frames.append({"video": m.parts[0], "frame": m.stem, "IoU": iou.tolist(), "NSD": nsd.tolist(),
-                       "false_positives": false_positives.tolist(), "missing": confusion is None})
+        frames.append(
+            {
+                "video": m.parts[0],
+                "frame": m.stem,
+                "IoU": iou.tolist(),
+                "NSD": nsd.tolist(),
+                "false_positives": false_positives.tolist(),
+                "missing": confusion is None,
+            }
+        )
     confusion = sum((s[-1] for s in scored.values()), np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
-    return {**summarize(frame_results), "missing": [m.as_posix() for m in missing], "colour_predictions": coloured,
-            "confusion": confusion.tolist(),
-            "ground_truth_dir": str(ground_truth_dir), "prediction_dir": str(prediction_dir),
-            **({"per_frame": frames} if per_frame else {})}
+    return {
+        **summarize(frame_results),
+        "missing": [m.as_posix() for m in masks if m not in scored],
+        "colour_predictions": coloured,
+        "confusion": confusion.tolist(),
+        "ground_truth_dir": str(ground_truth_dir),
+        "prediction_dir": str(prediction_dir),
+        **({"per_frame": frames} if per_frame else {}),
+    }

@@ -1,247 +1,32 @@
-"""DINOv3 ViT backbone (frozen, LoRA-adapted or fully trained) and a segmentation head (the seed's pixel MLP,
-a per-patch MLP, or a multi-layer upsampler)."""
-import argparse
+"""The network: a DINOv3 ViT backbone (frozen, LoRA-adapted or fully trained) and a segmentation head (the seed's
+pixel MLP, a per-patch MLP, or a multi-layer upsampler); how it is built, and how a trained one is saved and loaded."""
+
 import contextlib
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 
-import huggingface_hub
 import torch
 import torch.nn.functional as F
-from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError,
-)
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DINOv3ViTConfig, DINOv3ViTModel, PreTrainedConfig
+from transformers import DINOv3ViTModel
 
-from backbone_files import WeightFileError, is_weight_file, load_weight_file
-from dataset import NUM_CLASSES, PATCH_SIZE, first_line, partial_path
+import backbone_files
+import files
+from cli import first_line
+from dataset import NUM_CLASSES, PATCH_SIZE
 
 # peft 0.21 calls transformers' deprecated is_gradient_checkpointing: noise that tells a user nothing.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-DEFAULT_BACKBONE = "facebook/dinov3-vitb16-pretrain-lvd1689m"  # ViT-B/16 pretrained on LVD-1689M
-# Short names of Meta's released DINOv3 ViTs: web images (LVD-1689M), and satellite images (SAT-493M).
-BACKBONES = {
-    **{name: f"facebook/dinov3-{name}-pretrain-lvd1689m"
-       for name in ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16")},
-    **{f"{name}-sat493m": f"facebook/dinov3-{name}-pretrain-sat493m" for name in ("vitl16", "vit7b16")},
-}
 BACKBONE_TRAINING = ("frozen", "lora", "full")
 BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # DINOv3ViTAttention's projections
 ALL_LINEAR = "all-linear"  # peft's shortcut: every linear layer of the backbone (attention and MLP)
 CONFIG_VERSION = 2  # config.json written before version 2 meant the per-patch head by "mlp"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
-HUB_PROBE_TIMEOUT_S = 5.0
-
-
-class BackboneError(RuntimeError):
-    """The backbone or its token cannot be had; the message says what the user should do."""
-
-
-TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
-
-
-def redact_tokens(text: str) -> str:
-    """text with anything that looks like a Hugging Face token masked: no message ever shows one."""
-    return TOKEN_PATTERN.sub("hf_***", text)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A bad argument is one line (not the whole usage block): the error and where to look."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {redact_tokens(message)} (see --help)\n")
-
-
-def read_token_file(path: str, label: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8").strip() or None
-    except UnicodeDecodeError:
-        raise BackboneError(f"{label} is not a UTF-8 text file: put your Hugging Face token in it as plain text") from None
-    except OSError as error:
-        raise BackboneError(f"cannot read {label} ({error.strerror})") from None
-
-
-def resolve_hf_token(token_file: str | None = None) -> str | None:
-    """Token from token_file, else $HF_TOKEN, else ./hf_token.txt, else the `hf auth login` token."""
-    if token_file is not None:
-        label = f"token file {token_file}" if not TOKEN_PATTERN.search(token_file) else "the --hf-token-file value"
-        if not os.path.isfile(token_file):
-            hint = ("it looks like a token itself: put the token in a file and pass the file's path"
-                    if TOKEN_PATTERN.search(token_file) else "pass the file holding your Hugging Face token")
-            raise BackboneError(f"{label} does not exist: {hint}")
-        token = read_token_file(token_file, label)
-        if not token:
-            raise BackboneError(f"{label} is empty: put your Hugging Face token in it")
-        return token
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if token:
-        return token
-    if os.path.isfile("hf_token.txt"):
-        token = read_token_file("hf_token.txt", "hf_token.txt")
-        if token:
-            return token
-    token = huggingface_hub.get_token()
-    return token.strip() if token else None
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now, not only as it was when huggingface_hub was imported."""
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return huggingface_hub.is_offline_mode() or env.strip().lower() in ("1", "on", "yes", "true")
-
-
-def _unreachable(name: str) -> BackboneError:
-    return BackboneError(
-        f"cannot reach the Hugging Face hub to download {name}: "
-        "pass a local --backbone directory, or run with network access"
-    )
-
-
-def _gated(name: str) -> BackboneError:
-    return BackboneError(
-        f"{name} is gated and your token has not been granted access: accept its licence at "
-        f"https://huggingface.co/{name} with the account of your token (or pass a local --backbone directory)"
-    )
-
-
-def _probe_hub(name: str, token: str | None) -> None:
-    """Fail within seconds, with a clear message, where a plain hub download would retry for ~45 s. Tells apart a
-    refused token, a gated repository, a token without the right permission and a misspelt id."""
-    try:
-        get_hf_file_metadata(hf_hub_url(name, "config.json"), token=token, timeout=HUB_PROBE_TIMEOUT_S)
-    except GatedRepoError:
-        raise _gated(name) from None
-    except RepositoryNotFoundError:  # the hub answers 401 for gated repositories without a token, 404 for unknown ids
-        if token is None:
-            raise BackboneError(
-                f"{name} needs a Hugging Face token (the DINOv3 repositories are gated), or does not exist: put your "
-                "token in hf_token.txt, set HF_TOKEN or pass --hf-token-file, and check the name") from None
-        raise BackboneError(f"{name} is not on the Hugging Face hub: check the name (short names: "
-                            f"{', '.join(BACKBONES)})") from None
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        if status == 401:
-            raise BackboneError("the Hugging Face hub refused your token (401: invalid credentials): it is mistyped, "
-                                "expired or revoked; make a new one at https://huggingface.co/settings/tokens") from None
-        if status == 403:
-            raise BackboneError(f"your token may not read {name} (403): give it read access to public gated "
-                                "repositories at https://huggingface.co/settings/tokens") from None
-        raise _unreachable(name) from None
-    except Exception:  # DNS, connection refused, timeout, offline mode: all mean the hub cannot be used
-        raise _unreachable(name) from None
-
-
-def resolve_backbone(name_or_path) -> str:
-    """A short name (vitl16, vit7b16-sat493m...) -> its hub id; hub ids and local paths pass unchanged."""
-    name_or_path = str(name_or_path)
-    if name_or_path in BACKBONES:
-        return BACKBONES[name_or_path]
-    if is_weight_file(name_or_path):
-        if not os.path.isfile(name_or_path):
-            raise BackboneError(f"backbone file {name_or_path} does not exist")
-        return os.path.abspath(name_or_path)  # config.json must find it again from any working directory
-    if "/" not in name_or_path and not os.path.exists(name_or_path):
-        raise BackboneError(f"unknown backbone {name_or_path!r}: give a hub id, a local directory, or one of "
-                            f"{', '.join(BACKBONES)}")
-    return name_or_path
-
-
-def _is_hub_id(name_or_path: str) -> bool:
-    return not os.path.exists(name_or_path) and name_or_path.count("/") == 1 and not name_or_path.startswith((".", "~"))
-
-
-def _from_pretrained(name_or_path, token, attn_implementation, local_files_only, dtype) -> DINOv3ViTModel:
-    config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path, token=token, local_files_only=local_files_only)
-    if config_dict.get("model_type") != "dinov3_vit":
-        raise BackboneError(
-            f"{name_or_path} is not a DINOv3 ViT checkpoint (its config.json has no model_type dinov3_vit): "
-            f"pass a DINOv3 backbone such as {DEFAULT_BACKBONE}"
-        )
-    # The hub configs randomly shift/jitter/rescale the RoPE patch coordinates in train mode (a pretraining
-    # augmentation). Fine-tuning turns them off so training and evaluation see the same patch geometry.
-    config = DINOv3ViTConfig.from_dict({
-        **config_dict, "pos_embed_shift": None, "pos_embed_jitter": None, "pos_embed_rescale": None,
-    })
-    return DINOv3ViTModel.from_pretrained(
-        name_or_path, config=config, token=token, local_files_only=local_files_only,
-        attn_implementation=attn_implementation, dtype=dtype,
-    )
-
-
-def load_backbone(name_or_path: str, token: str | None = None, attn_implementation: str = "sdpa",
-                  dtype: torch.dtype = torch.float32) -> DINOv3ViTModel:
-    """A DINOv3 ViT from a save_pretrained directory, a hub id (local cache first, then the hub) or a weight file in
-    Meta's or timm's naming, in dtype."""
-    if is_weight_file(name_or_path) and os.path.isfile(name_or_path):
-        try:
-            return load_weight_file(name_or_path, attn_implementation, dtype)
-        except WeightFileError as error:
-            raise BackboneError(str(error)) from None
-    if not _is_hub_id(name_or_path):
-        if not os.path.isdir(name_or_path):
-            raise BackboneError(f"backbone directory {name_or_path} does not exist: pass a DINOv3 directory or hub id")
-        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise BackboneError(
-                f"{name_or_path} has no config.json: pass a DINOv3 directory written by save_pretrained"
-            )
-        try:
-            return _from_pretrained(name_or_path, None, attn_implementation, local_files_only=True, dtype=dtype)
-        except OSError:
-            raise BackboneError(
-                f"{name_or_path} holds no loadable DINOv3 weights: pass a DINOv3 directory written by save_pretrained"
-            ) from None
-    try:
-        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=True, dtype=dtype)
-    except OSError:
-        pass  # not in the local cache
-    if _hub_offline():
-        raise _unreachable(name_or_path)
-    _probe_hub(name_or_path, token)
-    try:
-        return _from_pretrained(name_or_path, token, attn_implementation, local_files_only=False, dtype=dtype)
-    except OSError:
-        raise BackboneError(
-            f"downloading {name_or_path} from the Hugging Face hub failed: retry, or pass a local --backbone directory"
-        ) from None
-
-
-def _preprocessor_config_path(name_or_path: str, token: str | None) -> str | None:
-    if not _is_hub_id(name_or_path):
-        path = os.path.join(name_or_path, PREPROCESSOR_CONFIG)
-        return path if os.path.isfile(path) else None
-    try:
-        return hf_hub_download(name_or_path, PREPROCESSOR_CONFIG, token=token, local_files_only=True)
-    except LocalEntryNotFoundError:
-        pass  # not in the local cache
-    if _hub_offline():
-        raise _unreachable(name_or_path)
-    _probe_hub(name_or_path, token)
-    try:
-        return hf_hub_download(name_or_path, PREPROCESSOR_CONFIG, token=token)
-    except RemoteEntryNotFoundError:
-        return None
-
-
-def backbone_normalization(name_or_path: str, token: str | None = None) -> tuple[tuple, tuple]:
-    """(mean, std) on a 0..1 scale from the backbone's preprocessor_config.json, ImageNet's if it has none."""
-    path = _preprocessor_config_path(name_or_path, token)
-    if path is None:
-        return IMAGENET_MEAN, IMAGENET_STD
-    with open(path) as f:
-        preprocessor = json.load(f)
-    return tuple(preprocessor.get("image_mean", IMAGENET_MEAN)), tuple(preprocessor.get("image_std", IMAGENET_STD))
 
 
 HEAD_TYPES = ("mlp", "patch-mlp", "multilayer")
@@ -258,8 +43,13 @@ def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
 
 
 def three_layer_mlp(in_features: int, hidden: int, out_features: int, activation=nn.ReLU) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, hidden), activation(), nn.Linear(hidden, hidden), activation(),
-                         nn.Linear(hidden, out_features))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        activation(),
+        nn.Linear(hidden, hidden),
+        activation(),
+        nn.Linear(hidden, out_features),
+    )
 
 
 class PixelMLPHead(nn.Module):
@@ -280,8 +70,9 @@ class PixelMLPHead(nn.Module):
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv + GroupNorm (independent of the small per-GPU batch) + GELU."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.GroupNorm(8, out_channels), nn.GELU())
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.GroupNorm(8, out_channels), nn.GELU()
+    )
 
 
 class MultiLayerHead(nn.Module):
@@ -292,8 +83,9 @@ class MultiLayerHead(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int, width: int):
         super().__init__()
         self.projections = nn.ModuleList(nn.Linear(hidden_size, width) for _ in range(num_layers))
-        self.stages = nn.ModuleList([conv_block(width, width), conv_block(width, width // 2),
-                                     conv_block(width // 2, width // 4)])
+        self.stages = nn.ModuleList(
+            [conv_block(width, width), conv_block(width, width // 2), conv_block(width // 2, width // 4)]
+        )
         self.classifier = nn.Conv2d(width // 4, NUM_CLASSES, 1)
 
     def forward(self, layer_tokens: list[torch.Tensor], grid_size: tuple[int, int]) -> torch.Tensor:
@@ -319,11 +111,15 @@ def resolve_head_config(head: dict | None, num_layers: int, patch_size: int = PA
     layers = list(head.get("feature_layers") or default_feature_layers(num_layers))
     bad = [i for i in layers if not 1 <= i <= num_layers]
     if bad or len(set(layers)) != len(layers):
-        raise HeadConfigError(f"feature layers {layers} do not fit this {num_layers}-layer backbone: "
-                              f"give distinct 1-based layer indices from 1 to {num_layers}")
+        raise HeadConfigError(
+            f"feature layers {layers} do not fit this {num_layers}-layer backbone: "
+            f"give distinct 1-based layer indices from 1 to {num_layers}"
+        )
     width = head.get("width", 256)
     if width < 32 or width % 32:
-        raise HeadConfigError(f"head width {width} must be a positive multiple of 32 (GroupNorm of 8 groups at width/4)")
+        raise HeadConfigError(
+            f"head width {width} must be a positive multiple of 32 (GroupNorm of 8 groups at width/4)"
+        )
     return {"type": "multilayer", "feature_layers": sorted(layers), "width": width}
 
 
@@ -341,19 +137,34 @@ class SegmentationModel(nn.Module):
     head: the seed's pixel MLP or a per-patch MLP on the last layer's patch tokens ("mlp", "patch-mlp"), or a
     progressive upsampler on the patch tokens of several layers, each through the backbone's final norm ("multilayer")."""
 
-    def __init__(self, backbone: DINOv3ViTModel, mean, std, backbone_training="lora", lora_rank=16, lora_alpha=32,
-                 lora_dropout=0.1, lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False):
+    def __init__(
+        self,
+        backbone: DINOv3ViTModel,
+        mean,
+        std,
+        backbone_training="lora",
+        lora_rank=16,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        lora_target_modules=LORA_TARGET_MODULES,
+        head=None,
+        gradient_checkpointing=False,
+    ):
         super().__init__()
         if backbone_training not in BACKBONE_TRAINING:
-            raise HeadConfigError(f"unknown backbone training {backbone_training!r}: choose one of {', '.join(BACKBONE_TRAINING)}")
+            raise HeadConfigError(
+                f"unknown backbone training {backbone_training!r}: choose one of {', '.join(BACKBONE_TRAINING)}"
+            )
         config = backbone.config
         self.backbone_training = backbone_training
         self.head_config = resolve_head_config(head, config.num_hidden_layers, config.patch_size)
         if self.head_config["type"] == "multilayer":
             # Layers after the deepest feature layer would cost compute and leave trainable weights without gradients
             # (which DDP rejects): drop them.
-            backbone.model.layer = backbone.model.layer[:max(self.head_config["feature_layers"])]
-            self.head = MultiLayerHead(config.hidden_size, len(self.head_config["feature_layers"]), self.head_config["width"])
+            backbone.model.layer = backbone.model.layer[: max(self.head_config["feature_layers"])]
+            self.head = MultiLayerHead(
+                config.hidden_size, len(self.head_config["feature_layers"]), self.head_config["width"]
+            )
         elif self.head_config["type"] == "mlp":
             self.head = PixelMLPHead(config.hidden_size, self.head_config["hidden"], config.patch_size)
         else:
@@ -366,7 +177,9 @@ class SegmentationModel(nn.Module):
         backbone.embeddings.mask_token.requires_grad_(False)  # only used for masked pretraining: never a gradient
         if backbone_training == "lora":
             targets = ALL_LINEAR if list(lora_target_modules) == [ALL_LINEAR] else list(lora_target_modules)
-            lora_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+            lora_config = LoraConfig(
+                r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets
+            )
             backbone = get_peft_model(backbone, lora_config)  # freezes everything but the LoRA weights
         self.backbone = backbone
         self.backbone_dtype = next(backbone.parameters()).dtype
@@ -393,8 +206,12 @@ class SegmentationModel(nn.Module):
         with self.backbone_context(pixels.device.type):
             pixels = pixels.to(self.backbone_dtype)
             if head_type == "multilayer":
-                hidden_states = self.backbone(pixel_values=pixels, output_hidden_states=True).hidden_states  # [0]: embeddings
-                features = [self.vit().norm(hidden_states[i])[:, skip:].float() for i in self.head_config["feature_layers"]]
+                hidden_states = self.backbone(
+                    pixel_values=pixels, output_hidden_states=True
+                ).hidden_states  # [0]: embeddings
+                features = [
+                    self.vit().norm(hidden_states[i])[:, skip:].float() for i in self.head_config["feature_layers"]
+                ]
             else:
                 features = self.backbone(pixel_values=pixels).last_hidden_state[:, skip:].float()
         if head_type == "patch-mlp":
@@ -411,15 +228,28 @@ class SegmentationModel(nn.Module):
             )
         content_size = content_size or (padded_h, padded_w)
         if content_size[0] > padded_h or content_size[1] > padded_w:
-            raise ValueError(f"content_size {content_size[0]}x{content_size[1]} exceeds the padded image {padded_h}x{padded_w}")
+            raise ValueError(
+                f"content_size {content_size[0]}x{content_size[1]} exceeds the padded image {padded_h}x{padded_w}"
+            )
         pixels = (images.float() / 255.0 - self.mean) / self.std
         logits = self.head_logits(pixels, (padded_h // PATCH_SIZE, padded_w // PATCH_SIZE))
         return upsample_to_source(logits, (padded_h, padded_w), content_size, output_size)
 
 
-def build_model(backbone_name_or_path, token=None, backbone_training="lora", lora_rank=16, lora_alpha=32,
-                lora_dropout=0.1, lora_target_modules=LORA_TARGET_MODULES, head=None, gradient_checkpointing=False,
-                attn_implementation="sdpa", backbone_dtype="float32", normalization=None) -> SegmentationModel:
+def build_model(
+    backbone_name_or_path,
+    token=None,
+    backbone_training="lora",
+    lora_rank=16,
+    lora_alpha=32,
+    lora_dropout=0.1,
+    lora_target_modules=LORA_TARGET_MODULES,
+    head=None,
+    gradient_checkpointing=False,
+    attn_implementation="sdpa",
+    backbone_dtype="float32",
+    normalization=None,
+) -> SegmentationModel:
     """head: config.json's "head" settings (the seed's pixel MLP if None); backbone_dtype: float32 or bfloat16
     (frozen weights only: full training needs float32 weights); normalization: (mean, std) on a 0..1 scale, else
     the backbone's preprocessor_config.json, else ImageNet's (DINOv3's)."""
@@ -427,12 +257,19 @@ def build_model(backbone_name_or_path, token=None, backbone_training="lora", lor
         raise HeadConfigError(f"unknown backbone dtype {backbone_dtype!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
     if backbone_training == "full" and backbone_dtype != "float32":
         raise HeadConfigError("full fine-tuning trains every backbone weight, which needs --backbone-dtype float32")
-    name_or_path = resolve_backbone(backbone_name_or_path)
-    backbone = load_backbone(name_or_path, token, attn_implementation, BACKBONE_DTYPES[backbone_dtype])
-    mean, std = normalization or backbone_normalization(name_or_path, token)
+    name_or_path = backbone_files.resolve_backbone(backbone_name_or_path)
+    backbone = backbone_files.load_backbone(name_or_path, token, attn_implementation, BACKBONE_DTYPES[backbone_dtype])
+    mean, std = normalization or backbone_files.backbone_normalization(name_or_path, token)
     return SegmentationModel(
-        backbone, mean, std, backbone_training=backbone_training, lora_rank=lora_rank, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, head=head,
+        backbone,
+        mean,
+        std,
+        backbone_training=backbone_training,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules,
+        head=head,
         gradient_checkpointing=gradient_checkpointing,
     )
 
@@ -459,7 +296,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_trainable_weights(model: nn.Module, path) -> None:
     tensors = {name: t.cpu().contiguous() for name, t in trainable_state_dict(model).items()}
-    temporary = partial_path(Path(path))
+    temporary = files.partial_path(Path(path))
     save_file(tensors, str(temporary))
     os.replace(temporary, path)  # a killed save never leaves a truncated file under the real name
 
@@ -469,8 +306,9 @@ def load_trainable_weights(model: nn.Module, path) -> None:
     try:
         state = load_file(str(path))
     except Exception as error:  # safetensors raises its own error type on a truncated or damaged file
-        raise ValueError(f"{path} is damaged or incomplete ({first_line(error, 80)}): restore it, or "
-                         "train again") from None
+        raise ValueError(
+            f"{path} is damaged or incomplete ({first_line(error, 80)}): restore it, or train again"
+        ) from None
     expected = set(trainable_state_dict(model))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -487,9 +325,19 @@ class ModelDirectoryError(ValueError):
 
 NUMBER = (int, float)
 MODEL_CONFIG_KEYS = {  # what inference reads from config.json: key path ("?": optional) -> type, list of that many numbers
-    "backbone": str, "lora.rank": int, "lora.alpha": NUMBER, "lora.dropout": NUMBER, "lora.target_modules": list,
-    "head.type": str, "normalization.mean": 3, "normalization.std": 3, "resolution.name": str,
-    "resolution.scale": NUMBER, "resolution.source_size": 2, "config_version?": int, "backbone_training?": str,
+    "backbone": str,
+    "lora.rank": int,
+    "lora.alpha": NUMBER,
+    "lora.dropout": NUMBER,
+    "lora.target_modules": list,
+    "head.type": str,
+    "normalization.mean": 3,
+    "normalization.std": 3,
+    "resolution.name": str,
+    "resolution.scale": NUMBER,
+    "resolution.source_size": 2,
+    "config_version?": int,
+    "backbone_training?": str,
     "backbone_dtype?": str,
 }
 
@@ -509,8 +357,11 @@ def read_model_config(path) -> dict:
         if value is None and key.endswith("?"):
             continue
         if isinstance(kind, int):  # a list of that many numbers
-            good = isinstance(value, list) and len(value) == kind and all(
-                isinstance(v, NUMBER) and not isinstance(v, bool) for v in value)
+            good = (
+                isinstance(value, list)
+                and len(value) == kind
+                and all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in value)
+            )
             what = f"a list of {kind} numbers"
         else:
             good = isinstance(value, kind) and not isinstance(value, bool)
@@ -529,22 +380,31 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
     config_path = os.path.join(model_directory, "config.json")
     weights_path = os.path.join(model_directory, checkpoint, "weights.safetensors")
     if not os.path.isfile(config_path):
-        raise ModelDirectoryError(f"{model_directory} is not a trained model directory (it has no config.json): "
-                                  "pass the --output-directory of run_training.py")
+        raise ModelDirectoryError(
+            f"{model_directory} is not a trained model directory (it has no config.json): "
+            "pass the --output-directory of run_training.py"
+        )
     if not os.path.isfile(weights_path):
-        raise ModelDirectoryError(f"{model_directory} has no {checkpoint} weights ({weights_path} does not exist): "
-                                  "has its training run saved any, or did you mean --checkpoint "
-                                  f"{'last' if checkpoint == 'best' else 'best'}?")
+        raise ModelDirectoryError(
+            f"{model_directory} has no {checkpoint} weights ({weights_path} does not exist): "
+            "has its training run saved any, or did you mean --checkpoint "
+            f"{'last' if checkpoint == 'best' else 'best'}?"
+        )
     config = read_model_config(config_path)
     lora, head, normalization = config["lora"], dict(config["head"]), config["normalization"]
     backbone = backbone or config["backbone"]
     if config.get("config_version", 1) < 2 and head["type"] == "mlp":
         head["type"] = "patch-mlp"  # "mlp" named the per-patch head before the seed's pixel MLP became the default
-    model_settings = dict(backbone_training=config.get("backbone_training", "lora"),
-                          backbone_dtype=config.get("backbone_dtype", "float32"), lora_rank=lora["rank"],
-                          lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                          lora_target_modules=lora["target_modules"], head=head,
-                          normalization=(normalization["mean"], normalization["std"]))
+    model_settings = dict(
+        backbone_training=config.get("backbone_training", "lora"),
+        backbone_dtype=config.get("backbone_dtype", "float32"),
+        lora_rank=lora["rank"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        lora_target_modules=lora["target_modules"],
+        head=head,
+        normalization=(normalization["mean"], normalization["std"]),
+    )
     try:
         model = build_model(backbone, token, **model_settings)
     except HeadConfigError as error:

@@ -1,5 +1,6 @@
 """Every picture the pipeline draws: frames with their masks (OpenCV: fast enough for a 60 fps video) and charts
 of the scores (matplotlib's Agg canvas: no screen, no pyplot state shared between threads)."""
+
 import functools
 import io
 from pathlib import Path
@@ -9,10 +10,11 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-import dataset as D
+import dataset
+import files
+from dataset import THIN_CLASSES
 from metrics import SCORED_CLASSES
 
-THIN_CLASSES = ("suturing needle", "thread")
 DPI = 100
 CURVES_SIZE = (14, 8)  # inches at DPI: training_curves.png is 1400 x 800 pixels
 CONFUSION_SIZE = (10, 8.5)
@@ -20,14 +22,14 @@ SCORES_SIZE = (12, 4.5)  # per_class_scores.png and per_video_scores.png
 SMOOTHING = 0.9  # exponential moving average of the training loss, debiased as TensorBoard's smoothing is
 # Class colours (RGB) for pictures; background stays uncoloured.
 CLASS_COLOURS = {
-    1: (255, 225, 25),   # tool clasper: yellow
-    2: (70, 240, 240),   # tool wrist: cyan
-    3: (0, 130, 200),    # tool shaft: blue
-    4: (240, 50, 230),   # suturing needle: magenta
-    5: (60, 220, 75),    # thread: green
-    6: (245, 130, 48),   # suction tool: orange
-    7: (145, 30, 180),   # needle holder: purple
-    8: (210, 245, 60),   # clamps: lime
+    1: (255, 225, 25),  # tool clasper: yellow
+    2: (70, 240, 240),  # tool wrist: cyan
+    3: (0, 130, 200),  # tool shaft: blue
+    4: (240, 50, 230),  # suturing needle: magenta
+    5: (60, 220, 75),  # thread: green
+    6: (245, 130, 48),  # suction tool: orange
+    7: (145, 30, 180),  # needle holder: purple
+    8: (210, 245, 60),  # clamps: lime
     9: (255, 255, 255),  # catheter: white
 }
 OVERLAY_ALPHA = 0.55
@@ -41,7 +43,9 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 # ----------------------------------------------------------------------------- frames
 
-COLOUR_TABLE = np.array([[CLASS_COLOURS.get(c, (0, 0, 0))] for c in range(256)], np.uint8)  # class id -> colour (cv2.LUT)
+COLOUR_TABLE = np.array(
+    [[CLASS_COLOURS.get(c, (0, 0, 0))] for c in range(256)], np.uint8
+)  # class id -> colour (cv2.LUT)
 
 
 def overlay(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -50,10 +54,10 @@ def overlay(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
     picture = frame.copy()
     x, y, w, h = cv2.boundingRect(labels)
     if w:
-        box, box_labels = frame[y:y + h, x:x + w], labels[y:y + h, x:x + w]
+        box, box_labels = frame[y : y + h, x : x + w], labels[y : y + h, x : x + w]
         coloured = cv2.LUT(cv2.merge([box_labels] * 3), COLOUR_TABLE)
         blended = cv2.addWeighted(box, 1 - OVERLAY_ALPHA, coloured, OVERLAY_ALPHA, 0)
-        cv2.copyTo(blended, box_labels, picture[y:y + h, x:x + w])  # only where labels > 0
+        cv2.copyTo(blended, box_labels, picture[y : y + h, x : x + w])  # only where labels > 0
     return picture
 
 
@@ -71,15 +75,21 @@ def visualisation(frame: np.ndarray, prediction: np.ndarray, ground_truth: np.nd
     if frame.shape[1] > MAX_PICTURE_WIDTH:
         size = (frame.shape[1] // 2, frame.shape[0] // 2)
         frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-        prediction, ground_truth = (cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in (prediction, ground_truth))
+        prediction, ground_truth = (
+            cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in (prediction, ground_truth)
+        )
     height, width = frame.shape[:2]
     rows = legend_rows(3 * width)
     canvas = np.full((TITLE_HEIGHT + height + rows * LEGEND_ROW_HEIGHT, 3 * width, 3), 255, np.uint8)
-    panels = (("frame", frame), ("prediction", overlay(frame, prediction)), ("ground truth", overlay(frame, ground_truth)))
+    panels = (
+        ("frame", frame),
+        ("prediction", overlay(frame, prediction)),
+        ("ground truth", overlay(frame, ground_truth)),
+    )
     for i, (title, panel) in enumerate(panels):
-        canvas[TITLE_HEIGHT:TITLE_HEIGHT + height, i * width:(i + 1) * width] = panel
+        canvas[TITLE_HEIGHT : TITLE_HEIGHT + height, i * width : (i + 1) * width] = panel
         cv2.putText(canvas, title, (i * width + 6, TITLE_HEIGHT - 8), FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
-    canvas[TITLE_HEIGHT + height:] = legend_strip(3 * width)
+    canvas[TITLE_HEIGHT + height :] = legend_strip(3 * width)
     return canvas
 
 
@@ -94,8 +104,18 @@ def legend_strip(width: int) -> np.ndarray:
         x, y = (k % columns) * column_width + 6, (k // columns) * LEGEND_ROW_HEIGHT
         cv2.rectangle(strip, (x, y + 5), (x + 16, y + 21), CLASS_COLOURS[c], -1)
         cv2.rectangle(strip, (x, y + 5), (x + 16, y + 21), (0, 0, 0), 1)
-        cv2.putText(strip, D.CLASS_NAMES[c], (x + 22, y + 19), FONT, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(strip, dataset.CLASS_NAMES[c], (x + 22, y + 19), FONT, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
     return strip
+
+
+def validation_pictures(samples, kept: dict) -> dict:
+    """{video/frame: frame | prediction | ground truth} of validate's kept frames, for the tracker."""
+    return {
+        f"{samples[i].video}/{samples[i].image.stem}": visualisation(
+            dataset.read_image(samples[i].image), prediction, truth
+        )
+        for i, (prediction, truth) in kept.items()
+    }
 
 
 def video_frame(job) -> np.ndarray:
@@ -105,13 +125,14 @@ def video_frame(job) -> np.ndarray:
     picture = frame if labels is None else overlay(frame, labels)
     legend = legend_strip(picture.shape[1])
     if len(legend) <= picture.shape[0] // 4:
-        bottom = picture[-len(legend):]
+        bottom = picture[-len(legend) :]
         picture = picture.copy() if picture is frame else picture
-        picture[-len(legend):] = cv2.addWeighted(bottom, 1 - LEGEND_ALPHA, legend, LEGEND_ALPHA, 0)
+        picture[-len(legend) :] = cv2.addWeighted(bottom, 1 - LEGEND_ALPHA, legend, LEGEND_ALPHA, 0)
     return picture
 
 
 # ----------------------------------------------------------------------------- charts
+
 
 def rgb(colour) -> tuple:
     return tuple(c / 255 for c in colour)
@@ -120,14 +141,14 @@ def rgb(colour) -> tuple:
 def save_figure(figure: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
-    D.write_bytes_atomically(path, buffer.getvalue())
+    files.write_bytes_atomically(path, buffer.getvalue())
 
 
 def smoothed(values: list[float]) -> list[float]:
     average, out = 0.0, []
     for i, value in enumerate(values, 1):
         average = SMOOTHING * average + (1 - SMOOTHING) * value
-        out.append(average / (1 - SMOOTHING ** i))
+        out.append(average / (1 - SMOOTHING**i))
     return out
 
 
@@ -140,48 +161,62 @@ def say_nothing_yet(axes, text: str) -> None:
     axes.text(0.5, 0.5, text, transform=axes.transAxes, ha="center", va="center", color="0.4")
 
 
+def plot_training(loss, lr, train: list[dict]) -> None:
+    """The loss (raw and smoothed) and the learning rate of the training records."""
+    if not train:
+        say_nothing_yet(loss, "no training step logged yet")
+        say_nothing_yet(lr, "no training step logged yet")
+        return
+    steps = [r["step"] for r in train]
+    loss.plot(steps, [r["loss"] for r in train], color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    loss.plot(steps, smoothed([r["loss"] for r in train]), color="tab:blue", linewidth=2, label="smoothed")
+    lr.plot(steps, [r["lr"] for r in train], color="tab:purple", marker="." if len(train) < 40 else None)
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+
+
+def plot_validation(scores, thin, val: list[dict], selection_metric: str) -> None:
+    """The official scores and the thin classes' IoU of the validation records, the best by selection_metric marked."""
+    steps = [r["step"] for r in val]
+    for name, colour in (("mIoU", "tab:green"), ("mNSD", "tab:orange"), ("score", "black")):
+        scores.plot(steps, [r["val"][name] for r in val], color=colour, marker="o", label=name)
+    for name in THIN_CLASSES:
+        colour = rgb(CLASS_COLOURS[dataset.CLASS_NAMES.index(name)])
+        thin.plot(steps, [r["val"]["classes"][name]["IoU"] for r in val], marker="o", color=colour, label=f"{name} IoU")
+    chosen = [r for r in val if r["val"].get(selection_metric) is not None]
+    best = max(chosen, key=lambda r: r["val"][selection_metric], default=None)
+    if best:
+        value = best["val"][selection_metric]
+        star = dict(marker="*", markersize=16, color="gold", markeredgecolor="black", linestyle="none")
+        scores.plot([best["step"]], [value], **star, label=f"best {selection_metric} {value:.4f}")
+    for axes in (scores, thin):
+        mark_best(axes, best["step"] if best else None)
+        axes.set_ylim(0, 1)
+        axes.set_xlabel("step")
+        if not val:
+            say_nothing_yet(axes, "no validation yet")
+
+
 def training_curves(records: list[dict], path: Path, selection_metric: str = "score") -> None:
     """training_curves.png from metrics.jsonl's records: loss (raw and smoothed), learning rate, validation scores
     and the thin classes' IoU against step, the best validation (by selection_metric) marked."""
-    train = [r for r in records if "loss" in r]
-    val = [r for r in records if "val" in r]
-    steps = [r["step"] for r in train]
-    val_steps = [r["step"] for r in val]
-    best = max(val, key=lambda r: r["val"][selection_metric] if r["val"].get(selection_metric) is not None else -1,
-               default=None)
-    best_step = best["step"] if best else None
+    train, val = [r for r in records if "loss" in r], [r for r in records if "val" in r]
     figure = Figure(figsize=CURVES_SIZE, layout="constrained")
     (loss, lr), (scores, thin) = figure.subplots(2, 2, sharex=True)
-    if train:
-        loss.plot(steps, [r["loss"] for r in train], color="tab:blue", alpha=0.3, linewidth=1, label="loss")
-        loss.plot(steps, smoothed([r["loss"] for r in train]), color="tab:blue", linewidth=2, label="smoothed")
-        lr.plot(steps, [r["lr"] for r in train], color="tab:purple", marker="." if len(train) < 40 else None)
-    else:
-        say_nothing_yet(loss, "no training step logged yet")
-        say_nothing_yet(lr, "no training step logged yet")
-    for name, colour in (("mIoU", "tab:green"), ("mNSD", "tab:orange"), ("score", "black")):
-        scores.plot(val_steps, [r["val"][name] for r in val], color=colour, marker="o", label=name)
-    for name in THIN_CLASSES:
-        thin.plot(val_steps, [r["val"]["classes"][name]["IoU"] for r in val], marker="o",
-                  color=rgb(CLASS_COLOURS[D.CLASS_NAMES.index(name)]), label=f"{name} IoU")
-    if best:
-        scores.plot([best_step], [best["val"][selection_metric]], marker="*", markersize=16, color="gold",
-                    markeredgecolor="black", linestyle="none", label=f"best {selection_metric} {best['val'][selection_metric]:.4f}")
-    for axes in (scores, thin):
-        mark_best(axes, best_step)
-        axes.set_ylim(0, 1)
-        if not val:
-            say_nothing_yet(axes, "no validation yet")
-    titles = ("training loss", "learning rate", "validation (official SAR-RARP50 metric)", "thin classes, validation IoU")
+    plot_training(loss, lr, train)
+    plot_validation(scores, thin, val, selection_metric)
+    titles = (
+        "training loss",
+        "learning rate",
+        "validation (official SAR-RARP50 metric)",
+        "thin classes, validation IoU",
+    )
+    last_step = max([r["step"] for r in train + val] + [1])
     for axes, title in zip((loss, lr, scores, thin), titles):
         axes.set_title(title)
         axes.grid(True, alpha=0.3)
-        axes.set_xlim(0, 1.03 * max(steps + val_steps + [1]))
+        axes.set_xlim(0, 1.03 * last_step)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(loc="best", fontsize="small")
-    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    for axes in (scores, thin):
-        axes.set_xlabel("step")
     save_figure(figure, path)
 
 
@@ -204,9 +239,16 @@ def confusion_matrix(confusion, path: Path) -> None:
     image = axes.imshow(shares, cmap=colours, vmin=0, vmax=1)
     for i, j in np.ndindex(counts.shape):
         if counts[i, j]:
-            axes.text(j, i, f"{shares[i, j]:.2f}\n{count_text(counts[i, j])}", ha="center", va="center", fontsize=8,
-                      color="white" if shares[i, j] > 0.5 else "black")
-    names = [name + (" *" if name in THIN_CLASSES else "") for name in D.CLASS_NAMES]
+            axes.text(
+                j,
+                i,
+                f"{shares[i, j]:.2f}\n{count_text(counts[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shares[i, j] > 0.5 else "black",
+            )
+    names = [name + (" *" if name in THIN_CLASSES else "") for name in dataset.CLASS_NAMES]
     axes.set_xticks(range(len(names)), names, rotation=40, ha="right")
     axes.set_yticks(range(len(names)), names)
     axes.set_xlabel("predicted class")
@@ -232,8 +274,12 @@ def class_scores(metrics: dict, path: Path) -> None:
     classes = metrics["classes"]
     figure = Figure(figsize=SCORES_SIZE, layout="constrained")
     axes = figure.subplots()
-    score_bars(axes, [name + (" *" if name in THIN_CLASSES else "") for name in classes],
-               [v["IoU"] for v in classes.values()], [v["NSD"] for v in classes.values()])
+    score_bars(
+        axes,
+        [name + (" *" if name in THIN_CLASSES else "") for name in classes],
+        [v["IoU"] for v in classes.values()],
+        [v["NSD"] for v in classes.values()],
+    )
     axes.set_title(f"per class (mean over videos; * thin classes): official score {metrics['score']:.4f}")
     save_figure(figure, path)
 
@@ -243,7 +289,8 @@ def video_scores(metrics: dict, path: Path) -> None:
     videos = metrics["videos"]
     figure = Figure(figsize=SCORES_SIZE, layout="constrained")
     axes = figure.subplots()
-    score_bars(axes, list(videos), [v["mIoU"] for v in videos.values()], [v["mNSD"] for v in videos.values()],
-               ("mIoU", "mNSD"))
+    score_bars(
+        axes, list(videos), [v["mIoU"] for v in videos.values()], [v["mNSD"] for v in videos.values()], ("mIoU", "mNSD")
+    )
     axes.set_title("per video: mIoU and mNSD over the scored classes")
     save_figure(figure, path)

@@ -1,20 +1,48 @@
-"""Where does the model fail? per_frame.csv and report.html beside a scored prediction folder's metrics.json.
+"""What scoring a prediction folder writes, and the records of who wrote which file in it: metrics.json,
+per_class.csv, per_frame.csv, the charts, report.html (where the model fails), the printed table, and
+predicted_with.json (how each video's predictions were made).
 
-The page is self-contained: inline CSS, no JavaScript, no network; its pictures are the charts written beside it
+report.html is self-contained: inline CSS, no JavaScript, no network; its pictures are the charts written beside it
 and the frames' visualisations (video_XX/visualisations/), linked relatively so that the folder can be moved.
 """
+
 import csv
 import html
 import io
+import json
 import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import dataset as D
-from metrics import SCORED_CLASSES
-from plots import CLASS_COLOURS, THIN_CLASSES
+import numpy as np
+
+import dataset
+import files
+import plots
+from dataset import THIN_CLASSES
+from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, read_label_png, summarize
+from plots import CLASS_COLOURS
+
+OUTPUT_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "per_frame.csv",
+    "confusion_matrix.png",
+    "per_class_scores.png",
+    "per_video_scores.png",
+    "report.html",
+)
+PROVENANCE_FILE = "predicted_with.json"  # how the predictions of each video in a folder were made
+SCORES_MANIFEST = ".scores_by_run_inference.json"  # the score files this tool wrote into a folder it did not make
+SEED_MIOU_NOTE = (
+    "the seed pipeline's own metric: per-frame IoU over the classes present in prediction or ground truth, "
+    "mean over all frames of all videos; not the official score"
+)
 
 WORST_FRAMES = 4  # frames shown per class and per list
-CLASSES = [D.CLASS_NAMES[c] for c in SCORED_CLASSES]
+CLASSES = [dataset.CLASS_NAMES[c] for c in SCORED_CLASSES]
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; padding: 0 1em; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
@@ -32,6 +60,7 @@ figcaption { font-size: 0.85em; } .none { color: #777; font-style: italic; }
 
 # ----------------------------------------------------------------------------- per_frame.csv
 
+
 def frame_score(frame: dict) -> tuple[float, float, float]:
     """The frame's mIoU, mNSD and their geometric mean, over classes 1..9 (a class absent from both scores 1)."""
     miou, mnsd = sum(frame["IoU"]) / len(CLASSES), sum(frame["NSD"]) / len(CLASSES)
@@ -42,15 +71,36 @@ def per_frame_csv(frames: list[dict]) -> bytes:
     """One row per ground-truth mask; floats written in full (repr), so that averaging them gives metrics.json."""
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["video", "frame", *(f"IoU {name}" for name in CLASSES), *(f"NSD {name}" for name in CLASSES),
-                     *(f"false positive pixels {name}" for name in CLASSES), "mIoU", "mNSD", "score", "missing"])
+    writer.writerow(
+        [
+            "video",
+            "frame",
+            *(f"IoU {name}" for name in CLASSES),
+            *(f"NSD {name}" for name in CLASSES),
+            *(f"false positive pixels {name}" for name in CLASSES),
+            "mIoU",
+            "mNSD",
+            "score",
+            "missing",
+        ]
+    )
     for frame in frames:
-        writer.writerow([frame["video"], frame["frame"], *map(repr, frame["IoU"]), *map(repr, frame["NSD"]),
-                         *frame["false_positives"], *map(repr, frame_score(frame)), int(frame["missing"])])
+        writer.writerow(
+            [
+                frame["video"],
+                frame["frame"],
+                *map(repr, frame["IoU"]),
+                *map(repr, frame["NSD"]),
+                *frame["false_positives"],
+                *map(repr, frame_score(frame)),
+                int(frame["missing"]),
+            ]
+        )
     return table.getvalue().encode()
 
 
 # ----------------------------------------------------------------------------- choosing frames
+
 
 def worst_frames(frames: list[dict], k: int, key: str) -> list[dict]:
     """The frames where class k+1 scores lowest by key (IoU or NSD), below a perfect 1; ties in video, frame order."""
@@ -61,19 +111,25 @@ def worst_frames(frames: list[dict], k: int, key: str) -> list[dict]:
 def false_positive_frames(frames: list[dict], k: int) -> list[dict]:
     """The frames with the most pixels of class k+1 predicted where the ground truth has none of it."""
     wrong = [frame for frame in frames if frame["false_positives"][k] > 0]
-    return sorted(wrong, key=lambda frame: (-frame["false_positives"][k], frame["video"], frame["frame"]))[:WORST_FRAMES]
+    return sorted(wrong, key=lambda frame: (-frame["false_positives"][k], frame["video"], frame["frame"]))[
+        :WORST_FRAMES
+    ]
 
 
 # ----------------------------------------------------------------------------- report.html
 
+
 def table(header: list[str], rows: list[list]) -> str:
-    cells = lambda tag, row: "".join(f"<{tag}>{cell}</{tag}>" for cell in row)
-    return (f"<table><tr>{cells('th', header)}</tr>" + "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
-            + "</table>")
+    def cells(tag, row):
+        return "".join(f"<{tag}>{cell}</{tag}>" for cell in row)
+
+    return (
+        f"<table><tr>{cells('th', header)}</tr>" + "".join(f"<tr>{cells('td', row)}</tr>" for row in rows) + "</table>"
+    )
 
 
 def swatch(name: str) -> str:
-    r, g, b = CLASS_COLOURS[D.CLASS_NAMES.index(name)]
+    r, g, b = CLASS_COLOURS[dataset.CLASS_NAMES.index(name)]
     return f'<span class="swatch" style="background: rgb({r}, {g}, {b})"></span>'
 
 
@@ -84,8 +140,10 @@ def frame_card(frame: dict, caption: str, directory: Path) -> str:
     text = f"{html.escape(frame['video'])} / {html.escape(frame['frame'])}: {caption}"
     if not (directory / path).is_file():
         return f'<figure data-frame="{name}"><figcaption>{text} <span class="none">(no visualisation)</span></figcaption></figure>'
-    return (f'<figure data-frame="{name}"><a href="{picture}"><img src="{picture}" loading="lazy" alt="{picture}"></a>'
-            f'<figcaption>{text}</figcaption></figure>')
+    return (
+        f'<figure data-frame="{name}"><a href="{picture}"><img src="{picture}" loading="lazy" alt="{picture}"></a>'
+        f"<figcaption>{text}</figcaption></figure>"
+    )
 
 
 def frame_list(cards: list[str], empty: str, name: str, kind: str) -> str:
@@ -100,48 +158,83 @@ def failure_sections(frames: list[dict], directory: Path) -> str:
     for k, name in enumerate(CLASSES):
         lists = []
         for key in ("IoU", "NSD"):
-            cards = [frame_card(f, f"IoU {f['IoU'][k]:.3f}, NSD {f['NSD'][k]:.3f}", directory)
-                     for f in worst_frames(frames, k, key)]
-            lists.append(f"<h4>lowest {key}</h4>" + frame_list(cards, f"every frame scores {key} 1 on {name}", name, key))
-        parts.append(f"<h3>{swatch(name)}{html.escape(name)}{' (thin)' if name in THIN_CLASSES else ''}</h3>"
-                     + "".join(lists))
+            cards = [
+                frame_card(f, f"IoU {f['IoU'][k]:.3f}, NSD {f['NSD'][k]:.3f}", directory)
+                for f in worst_frames(frames, k, key)
+            ]
+            lists.append(
+                f"<h4>lowest {key}</h4>" + frame_list(cards, f"every frame scores {key} 1 on {name}", name, key)
+            )
+        parts.append(
+            f"<h3>{swatch(name)}{html.escape(name)}{' (thin)' if name in THIN_CLASSES else ''}</h3>" + "".join(lists)
+        )
     return "".join(parts)
 
 
 def false_positive_sections(frames: list[dict], directory: Path) -> str:
     parts = []
     for k, name in enumerate(CLASSES):
-        cards = [frame_card(f, f"{f['false_positives'][k]:,} px of {html.escape(name)} predicted, none in the ground "
-                               "truth", directory) for f in false_positive_frames(frames, k)]
+        cards = [
+            frame_card(
+                f,
+                f"{f['false_positives'][k]:,} px of {html.escape(name)} predicted, none in the ground truth",
+                directory,
+            )
+            for f in false_positive_frames(frames, k)
+        ]
         if cards:
             count = sum(1 for f in frames if f["false_positives"][k])
-            parts.append(f"<h3>{swatch(name)}{html.escape(name)}: {count} frame{'s' * (count != 1)}</h3>"
-                         + frame_list(cards, "", name, "false positives"))
+            parts.append(
+                f"<h3>{swatch(name)}{html.escape(name)}: {count} frame{'s' * (count != 1)}</h3>"
+                + frame_list(cards, "", name, "false positives")
+            )
     return "".join(parts) or '<p class="none">no frame predicts a class its ground truth does not have</p>'
+
+
+def score_tables(metrics: dict) -> tuple[str, str, str]:
+    """The summary, per-class and per-video tables of the page."""
+    seed = "n/a" if metrics.get("seed_mIoU") is None else f"{metrics['seed_mIoU']:.4f}"
+    summary = [
+        ["official score = sqrt(mIoU x mNSD)", f"<b>{metrics['score']:.4f}</b>"],
+        ["mIoU", f"{metrics['mIoU']:.4f}"],
+        ["mNSD", f"{metrics['mNSD']:.4f}"],
+        ["seed mIoU (the seed pipeline's own metric, not the official score)", seed],
+        ["background everywhere would score", f"{metrics['background_only']['score']:.4f}"],
+        ["frames / videos", f"{metrics['frames']} / {len(metrics['videos'])}"],
+    ]
+    classes = [
+        [swatch(c) + html.escape(c), f"{v['IoU']:.4f}", f"{v['NSD']:.4f}"] for c, v in metrics["classes"].items()
+    ]
+    videos = [
+        [html.escape(n), f"{v['mIoU']:.4f}", f"{v['mNSD']:.4f}", v["frames"]] for n, v in metrics["videos"].items()
+    ]
+    return (
+        table(["", "value"], summary),
+        table(["class", "IoU", "NSD"], classes),
+        table(["video", "mIoU", "mNSD", "frames"], videos),
+    )
 
 
 def report_html(metrics: dict, frames: list[dict], directory: Path) -> str:
     """The page: scores, charts, per-class and per-video tables, then the worst frames of every class and the frames
     with false positives of a class absent from the ground truth."""
-    seed = "n/a" if metrics.get("seed_mIoU") is None else f"{metrics['seed_mIoU']:.4f}"
-    floor = metrics["background_only"]
-    summary = table(["", "value"], [
-        ["official score = sqrt(mIoU x mNSD)", f"<b>{metrics['score']:.4f}</b>"],
-        ["mIoU", f"{metrics['mIoU']:.4f}"], ["mNSD", f"{metrics['mNSD']:.4f}"],
-        ["seed mIoU (the seed pipeline's own metric, not the official score)", seed],
-        ["background everywhere would score", f"{floor['score']:.4f}"],
-        ["frames / videos", f"{metrics['frames']} / {len(metrics['videos'])}"]])
-    classes = table(["class", "IoU", "NSD"], [[swatch(name) + html.escape(name), f"{v['IoU']:.4f}", f"{v['NSD']:.4f}"]
-                                               for name, v in metrics["classes"].items()])
-    videos = table(["video", "mIoU", "mNSD", "frames"], [[html.escape(name), f"{v['mIoU']:.4f}", f"{v['mNSD']:.4f}",
-                                                           v["frames"]] for name, v in metrics["videos"].items()])
-    source = ", ".join(f"{label} {html.escape(str(metrics[key]))}" for label, key in
-                       (("model", "model_directory"), ("checkpoint", "checkpoint"), ("data", "data_directory"),
-                        ("split", "split")) if metrics.get(key))
+    summary, classes, videos = score_tables(metrics)
+    labels = (
+        ("model", "model_directory"),
+        ("checkpoint", "checkpoint"),
+        ("data", "data_directory"),
+        ("split", "split"),
+    )
+    source = ", ".join(f"{label} {html.escape(str(metrics[key]))}" for label, key in labels if metrics.get(key))
     warnings = "".join(f'<p class="warning">warning: {html.escape(w)}</p>' for w in metrics.get("warnings", []))
     if metrics["missing"]:
-        warnings += f'<p class="warning">{len(metrics["missing"])} ground-truth masks have no prediction and score 0</p>'
-    chart = lambda name: f'<img class="chart" src="{name}" alt="{name}">' if (directory / name).is_file() else ""
+        warnings += (
+            f'<p class="warning">{len(metrics["missing"])} ground-truth masks have no prediction and score 0</p>'
+        )
+
+    def chart(name):
+        return f'<img class="chart" src="{name}" alt="{name}">' if (directory / name).is_file() else ""
+
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>SAR-RARP50 segmentation report</title><style>{STYLE}</style></head>
 <body>
@@ -166,5 +259,212 @@ few its pixels: these frames cost the most for the least error.</p>
 
 
 def write_report(metrics: dict, frames: list[dict], directory: Path) -> None:
-    D.write_bytes_atomically(directory / "per_frame.csv", per_frame_csv(frames))
-    D.write_bytes_atomically(directory / "report.html", report_html(metrics, frames, directory).encode())
+    files.write_bytes_atomically(directory / "per_frame.csv", per_frame_csv(frames))
+    files.write_bytes_atomically(directory / "report.html", report_html(metrics, frames, directory).encode())
+
+
+# ----------------------------------------------------------------------------- the scores of a folder
+
+
+def score_predictions(
+    args,
+    ground_truth_directory: Path,
+    videos: list[str],
+    predictions_directory: Path,
+    predicted_here: bool,
+    one_run: bool = True,
+) -> dict:
+    """Score the folder's predictions of these videos, write metrics.json and the other outputs, print the table.
+    one_run=False: the videos were predicted by different runs on purpose (cross-validation folds)."""
+    check_outputs_are_ours(predictions_directory, predicted_here)
+    result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos, per_frame=True)
+    frames = result.pop("per_frame")
+    provenance, warnings = provenance_of(predictions_directory, videos, one_run)
+    if result["colour_predictions"]:
+        warnings.append(
+            f"{len(result['colour_predictions'])} prediction PNGs have colour channels (e.g. "
+            f"{result['colour_predictions'][0]}): scored as the official toolkit reads them, as channel 0 "
+            "of OpenCV's BGR image (blue); write 8-bit single-channel class ids to be sure"
+        )
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    seed_miou = result["seed_mIoU"]
+    single = provenance if provenance and not provenance.get("mixed") else {}
+    metrics = {
+        **result,
+        "seed_mIoU": None if math.isnan(seed_miou) else seed_miou,  # no frame with an instrument: null, not NaN
+        "seed_mIoU_note": SEED_MIOU_NOTE,
+        "model_directory": single.get("model_directory"),
+        "checkpoint": single.get("checkpoint"),
+        "data_directory": str(args.data_directory),
+        "split": args.split,
+        "inference": {k: v for k, v in provenance.items() if k not in ("model_directory", "checkpoint")}
+        if single
+        else provenance,
+        "warnings": warnings,
+        "background_only": background_only_score(ground_truth_directory, videos),
+    }
+    write_scores(metrics, frames, predictions_directory)
+    print_report(metrics, predictions_directory, pictured=predicted_here)
+    return metrics
+
+
+def background_only_score(ground_truth_directory: Path, videos: list[str]) -> dict:
+    """Score of predicting background everywhere, the floor a model has to beat."""
+
+    def score(path):
+        truth = read_label_png(path)
+        return frame_scores(np.zeros_like(truth), truth)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        result = summarize(
+            {
+                video: list(pool.map(score, sorted((ground_truth_directory / video / "segmentation").glob("*.png"))))
+                for video in videos
+            }
+        )
+    return {key: result[key] for key in ("mIoU", "mNSD", "score")}
+
+
+def print_scores(result: dict, step: int) -> None:
+    print(
+        f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}"
+        f"   (seed mIoU {result['seed_mIoU']:.4f}: the seed pipeline's own metric, not the official score)"
+    )
+    print(
+        "  "
+        + "  ".join(
+            f"{name}{'*' if name in dataset.THIN_CLASSES else ''} {v['IoU']:.2f}/{v['NSD']:.2f}"
+            for name, v in result["classes"].items()
+        )
+        + "   (IoU/NSD, * thin classes)"
+    )
+
+
+def write_scores(metrics: dict, frames: list[dict], directory: Path) -> None:
+    """Every output of OUTPUT_FILES, metrics.json last: its presence means every other one is complete."""
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["class", "IoU", "NSD"])
+    writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
+    files.write_json_atomically(
+        directory / SCORES_MANIFEST, list(OUTPUT_FILES)
+    )  # before them: a killed write is ours too
+    files.write_bytes_atomically(directory / "per_class.csv", table.getvalue().encode())
+    plots.confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
+    plots.class_scores(metrics, directory / "per_class_scores.png")
+    plots.video_scores(metrics, directory / "per_video_scores.png")
+    write_report(metrics, frames, directory)
+    files.write_json_atomically(directory / "metrics.json", metrics)
+
+
+def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
+    print(f"\n{'class':<20}{'IoU':>8}{'NSD':>8}")
+    for name, v in metrics["classes"].items():
+        print(f"{name + (' *' if name in THIN_CLASSES else ''):<20}{v['IoU']:>8.4f}{v['NSD']:>8.4f}")
+    print(f"{'mean':<20}{metrics['mIoU']:>8.4f}{metrics['mNSD']:>8.4f}   (* thin classes)")
+    print(
+        f"official score {metrics['score']:.4f} = sqrt(mIoU x mNSD) over {metrics['frames']} frames of "
+        f"{len(metrics['videos'])} videos ({metrics['split']} split)"
+    )
+    print(
+        "  "
+        + "  ".join(f"{video} {v['mIoU']:.3f}/{v['mNSD']:.3f}" for video, v in metrics["videos"].items())
+        + "   (per video mIoU/mNSD)"
+    )
+    seed = "n/a (no frame has an instrument)" if metrics["seed_mIoU"] is None else f"{metrics['seed_mIoU']:.4f}"
+    print(
+        f"seed mIoU {seed} (the design we start from's own metric, not the official score; "
+        "its published 0.687 is this number)"
+    )
+    floor = metrics["background_only"]
+    print(
+        f"background everywhere would score {floor['score']:.4f} (mIoU {floor['mIoU']:.4f}, mNSD {floor['mNSD']:.4f})"
+    )
+    if metrics["missing"]:
+        shown = ", ".join(metrics["missing"][:5]) + (
+            f" and {len(metrics['missing']) - 5} more" if len(metrics["missing"]) > 5 else ""
+        )
+        print(
+            f"warning: {len(metrics['missing'])} ground-truth masks have no prediction and score 0: {shown} "
+            f"(all listed in metrics.json)",
+            file=sys.stderr,
+        )
+    print(
+        f"metrics: {directory / 'metrics.json'}, per_class.csv, per_frame.csv, confusion_matrix.png, "
+        "per_class_scores.png, per_video_scores.png"
+    )
+    print(f"error analysis (open in a browser): {directory / 'report.html'}")
+    if pictured:
+        print(f"visualisations: {directory}/video_*/visualisations/")
+
+
+# ----------------------------------------------------------------------------- records of what is in a folder
+
+
+def read_provenance(directory: Path) -> dict:
+    """{video: how its predictions were made} from predicted_with.json; {} if there is none or it is of a version
+    that kept one record for the whole folder (it cannot say which videos it describes)."""
+    try:
+        record = json.loads((directory / PROVENANCE_FILE).read_text())
+        return dict(record["videos"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_provenance(directory: Path, videos: dict) -> None:
+    files.write_json_atomically(directory / PROVENANCE_FILE, {"videos": dict(sorted(videos.items()))})
+
+
+def forget_predictions(directory: Path, videos: list[str]) -> None:
+    """Remove the record and the files of what an earlier run predicted for these videos (and what a killed write
+    left), so that each video folder holds the frames of one run."""
+    write_provenance(directory, {v: r for v, r in read_provenance(directory).items() if v not in videos})
+    for video in videos:
+        for folder in (directory / video / "segmentation", directory / video / "visualisations"):
+            folder.mkdir(parents=True, exist_ok=True)
+            files.remove_partial_files(folder)
+            for old in folder.glob("*.png"):
+                old.unlink()
+
+
+def provenance_of(directory: Path, videos: list[str], one_run: bool = True) -> tuple[dict | None, list[str]]:
+    """(how the predictions of these videos were made, one record if one run made them all, else
+    {"mixed": True, "videos": ...}; None if none is recorded), and warnings about videos without a record or a mix."""
+    recorded = read_provenance(directory)
+    known = {video: recorded[video] for video in videos if video in recorded}
+    unknown = [video for video in videos if video not in recorded]
+    warnings = (
+        [
+            f"{directory / PROVENANCE_FILE} has no record of how the predictions of {', '.join(unknown)} were "
+            "made: they may come from a run that did not finish, or another tool"
+        ]
+        if unknown
+        else []
+    )
+    runs = {json.dumps(record, sort_keys=True) for record in known.values()}
+    if len(runs) > 1:
+        if one_run:
+            warnings.append(
+                f"the predictions in {directory} come from {len(runs)} different runs (see "
+                "predicted_with.json): the score mixes them; predict every video with one run to score one model"
+            )
+        return {"mixed": True, "videos": known}, warnings
+    return (next(iter(known.values())) if known else None), warnings
+
+
+def check_outputs_are_ours(directory: Path, predicted_here: bool) -> None:
+    """Refuse to overwrite a score file this tool did not write: one listed in the folder's manifest (written with
+    the scores), or any in a folder run_inference.py predicted into, is its own."""
+    if predicted_here or (directory / PROVENANCE_FILE).is_file():
+        return
+    try:
+        claimed = set(json.loads((directory / SCORES_MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        claimed = set()
+    for name in OUTPUT_FILES:
+        if (directory / name).exists() and name not in claimed:
+            raise dataset.DataError(
+                f"{directory / name} exists and was not written by run_inference.py: move it away, "
+                "or score a copy of the folder"
+            )

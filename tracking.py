@@ -3,6 +3,7 @@
 The tracker gets the very records metrics.jsonl gets (flattened to scalars) and, at each validation, a few fixed
 validation frames pictured as frame | prediction | ground truth. Only rank 0 tracks.
 """
+
 import importlib.util
 import json
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from cli import first_line
 
 REPORTERS = ("none", "tensorboard", "wandb")  # each tracker is the package of its name
 PICTURE_WIDTH = 1440  # validation pictures are shrunk to this width in the logs
@@ -52,6 +55,7 @@ class TensorBoard:
 
     def __init__(self, output: Path, config: dict, resumed_at: int | None):
         from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(output / "tensorboard", purge_step=None if resumed_at is None else resumed_at + 1)
         if resumed_at is None:
             self.writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", 0)
@@ -73,17 +77,26 @@ class WandB:
 
     def __init__(self, output: Path, config: dict, resumed_at: int | None):
         import wandb
+
         id_file = output / "wandb_run_id"
         if resumed_at is None or not id_file.is_file():
             id_file.write_text(secrets.token_hex(8))
         self.wandb = wandb
         try:
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sarrarp50-dinov3"), id=id_file.read_text(),
-                                  resume="allow", dir=output, name=output.name, config=config)
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "sarrarp50-dinov3"),
+                id=id_file.read_text(),
+                resume="allow",
+                dir=output,
+                name=output.name,
+                config=config,
+            )
         except Exception as error:  # wandb's own errors (no login, no network, ...) have no common base class
-            message = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise TrackingError(f"W&B could not start a run ({message}): run `wandb login`, or set WANDB_MODE=offline "
-                                "to log without a network") from None
+            message = first_line(error)
+            raise TrackingError(
+                f"W&B could not start a run ({message}): run `wandb login`, or set WANDB_MODE=offline "
+                "to log without a network"
+            ) from None
 
     def log(self, record: dict, pictures: dict[str, np.ndarray]) -> None:
         images = {f"validation/{name}": self.wandb.Image(shrunk(picture)) for name, picture in pictures.items()}

@@ -1,16 +1,25 @@
-"""Video in, overlay video out: frame-exact sequential decoding and H.264 encoding on threads, so that decoding, the
-model and encoding overlap and memory stays bounded on an hour-long 1080p recording."""
+"""Any video or folder of images in (run_inference.py --input), overlays and masks out: frame-exact sequential
+decoding and H.264 encoding on threads, so that decoding, the model and encoding overlap and memory stays bounded on
+an hour-long 1080p recording."""
+
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
+import torch
+from tqdm import tqdm
 
-import dataset as D
+import dataset
+import files
+import inference
+import plots
+import report
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,7 +44,7 @@ def probe_video(path: Path) -> VideoInfo:
     try:
         ok, frame = capture.read() if capture.isOpened() else (False, None)
         if not ok:
-            raise D.DataError(f"{path} is not a video OpenCV can read, or has no frames")
+            raise dataset.DataError(f"{path} is not a video OpenCV can read, or has no frames")
         fps = capture.get(cv2.CAP_PROP_FPS)
         return VideoInfo(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), fps if fps > 0 else 30.0, frame.shape[:2])
     finally:
@@ -48,9 +57,9 @@ def frame_range(info: VideoInfo, start_s: float, end_s: float | None) -> tuple[i
     first = round(start_s * info.fps)
     stop = UNTIL_THE_END if end_s is None else round(end_s * info.fps)
     if info.frames > 0 and first >= info.frames:
-        raise D.DataError(f"--start {start_s:g} s is past the end of the video ({info.frames / info.fps:.1f} s)")
+        raise dataset.DataError(f"--start {start_s:g} s is past the end of the video ({info.frames / info.fps:.1f} s)")
     if stop <= first:
-        raise D.DataError(f"no frame starts between {start_s:g} s and {end_s:g} s at {info.fps:g} fps")
+        raise dataset.DataError(f"no frame starts between {start_s:g} s and {end_s:g} s at {info.fps:g} fps")
     return first, stop
 
 
@@ -83,7 +92,7 @@ def put(q: queue.Queue, item, halt: threading.Event, consumer: Stage | None = No
         except queue.Full:
             if consumer is not None and not consumer.is_alive():
                 consumer.join_checked()
-                raise OSError(f"the {consumer.name} thread stopped early")
+                raise OSError(f"the {consumer.name} thread stopped early") from None
     return False
 
 
@@ -97,7 +106,7 @@ def decode_frames(path: Path, first: int, stop: int, prepare, out: queue.Queue, 
             if index >= first:
                 ok, frame = capture.retrieve()
                 if not ok:
-                    raise D.DataError(f"{path}: frame {index} cannot be decoded")
+                    raise dataset.DataError(f"{path}: frame {index} cannot be decoded")
                 frame = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
                 if not put(out, (index, frame, prepare(index, frame)), halt):
                     return
@@ -110,8 +119,16 @@ def decode_frames(path: Path, first: int, stop: int, prepare, out: queue.Queue, 
 def encode_frames(path: Path, size: tuple[int, int], fps: float, draw, jobs: queue.Queue, halt: threading.Event) -> int:
     """Draw each queued job (draw(job) -> RGB frame) and encode it into an H.264 MP4 at path; returns the count."""
     height, width = size
-    writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264", quality=None,
-                                         macro_block_size=2, ffmpeg_log_level="error", output_params=H264_SETTINGS)
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        (width, height),
+        fps=fps,
+        codec="libx264",
+        quality=None,
+        macro_block_size=2,
+        ffmpeg_log_level="error",
+        output_params=H264_SETTINGS,
+    )
     writer.send(None)  # starts ffmpeg
     count = 0
     try:
@@ -132,7 +149,7 @@ def encode_frames(path: Path, size: tuple[int, int], fps: float, draw, jobs: que
 def list_images(folder: Path) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise D.DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise dataset.DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -143,16 +160,16 @@ def is_video(path: Path) -> bool:
 def check_writable(folder: Path) -> None:
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise D.DataError(f"cannot write to {folder}: {existing} is not a writable directory")
+        raise dataset.DataError(f"cannot write to {folder}: {existing} is not a writable directory")
 
 
 def check_input(path: Path) -> None:
     if not path.exists():
-        raise D.DataError(f"--input {path} does not exist")
+        raise dataset.DataError(f"--input {path} does not exist")
     if not (path.is_dir() or is_video(path)):
-        raise D.DataError(f"--input {path} is neither a video ({', '.join(VIDEO_SUFFIXES)}) nor a folder of images")
-
-
+        raise dataset.DataError(
+            f"--input {path} is neither a video ({', '.join(VIDEO_SUFFIXES)}) nor a folder of images"
+        )
 
 
 def get(q: queue.Queue, producer: Stage):
@@ -167,8 +184,21 @@ def get(q: queue.Queue, producer: Stage):
                     return END
 
 
-def segment_video(source: Path, info: VideoInfo, first: int, stop: int, every: int, prepare, predict_batch,
-                  batch_size: int, draw, overlay_path: Path, save_mask, progress) -> int:
+def segment_video(
+    source: Path,
+    info: VideoInfo,
+    first: int,
+    stop: int,
+    *,
+    every: int,
+    prepare,
+    predict_batch,
+    batch_size: int,
+    draw,
+    overlay_path: Path,
+    save_mask,
+    progress,
+) -> int:
     """Decode frames first..stop-1 on one thread, predict every every-th (index % every == 0) in batches here, draw
     each frame with the latest prediction and encode it on another; returns the frames written.
 
@@ -177,10 +207,14 @@ def segment_video(source: Path, info: VideoInfo, first: int, stop: int, every: i
     (at most MAX_WAITING of them), so memory is bounded whatever the video's length."""
     halt = threading.Event()
     decoded, drawn = queue.Queue(QUEUE_FRAMES), queue.Queue(QUEUE_FRAMES)
-    decoder = Stage(lambda: decode_frames(source, first, stop, lambda i, f: prepare(f) if i % every == 0 else None,
-                                          decoded, halt), "decode")
+    decoder = Stage(
+        lambda: decode_frames(source, first, stop, lambda i, f: prepare(f) if i % every == 0 else None, decoded, halt),
+        "decode",
+    )
     written = []
-    encoder = Stage(lambda: written.append(encode_frames(overlay_path, info.size, info.fps, draw, drawn, halt)), "encode")
+    encoder = Stage(
+        lambda: written.append(encode_frames(overlay_path, info.size, info.fps, draw, drawn, halt)), "encode"
+    )
     decoder.start()
     encoder.start()
     latest, waiting = None, []
@@ -209,3 +243,167 @@ def segment_video(source: Path, info: VideoInfo, first: int, stop: int, every: i
     finally:
         halt.set()
     return written[0]
+
+
+# ----------------------------------------------------------------------------- segmenting an input
+
+
+def frame_predictor(args, passes, source_size, autocast, device):
+    """predict_batch([inputs]) -> [labels (H, W) uint8 at the source size] for consecutive frames, each inputs the
+    frame at every content size of passes; with --temporal-smoothing, the argmax of the running mean of the softmax."""
+    smoothed = None
+
+    def predict_batch(batch):
+        nonlocal smoothed
+        inputs = [
+            torch.from_numpy(np.stack([frame[k] for frame in batch])).permute(0, 3, 1, 2).to(device)
+            for k in range(len(batch[0]))
+        ]
+        if not args.temporal_smoothing:
+            labels = list(inference.predict(passes, inputs, source_size, autocast).cpu().numpy())
+        else:
+            labels = []
+            for probabilities in inference.mean_probabilities(passes, inputs, source_size, autocast):
+                smoothed = (
+                    probabilities
+                    if smoothed is None
+                    else smoothed.mul_(args.temporal_smoothing).add_(probabilities, alpha=1 - args.temporal_smoothing)
+                )
+                labels.append(smoothed.argmax(0).to(torch.uint8).cpu().numpy())
+        if args.min_component_size:
+            labels = [
+                inference.remove_small_components(frame_labels, args.min_component_size) for frame_labels in labels
+            ]
+        return labels
+
+    return predict_batch
+
+
+def clear_folder(folder: Path, pattern: str) -> None:
+    """An output folder with nothing of an earlier run in it (nor what a killed write left)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files.remove_partial_files(folder)
+    for old in folder.glob(pattern):
+        old.unlink()
+
+
+def segment_video_file(args, source: Path, out: Path) -> None:
+    info = probe_video(source)
+    first, stop = frame_range(info, args.start, args.end)
+    members = inference.load_members(args)  # every check before anything on disk changes
+    final = out / "overlay.mp4"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (final, out / report.PROVENANCE_FILE):
+        stale.unlink(missing_ok=True)
+    files.remove_partial_files(out)
+    if args.save_masks:
+        clear_folder(out / "masks", "*.png")
+    device, precision, autocast = inference.on_device(args, members, info.size)
+    sizes, passes = inference.inference_passes(members, info.size, args.tta, args.tta_scales)
+
+    def save_mask(index, labels):
+        if args.save_masks:
+            files.write_image_atomically(out / "masks" / f"{index:09d}.png", labels)
+
+    written = write_overlay(
+        args,
+        source,
+        info,
+        (first, stop),
+        final,
+        save_mask,
+        prepare=lambda frame: [dataset.scale_image(frame, size) for size in sizes],
+        predict_batch=frame_predictor(args, passes, info.size, autocast, device),
+    )
+    record = {
+        "input": str(source),
+        "fps": info.fps,
+        "size": list(info.size),
+        "frames": [first, first + written],
+        "every": args.every,
+        "temporal_smoothing": args.temporal_smoothing,
+        "masks": args.save_masks,
+    }
+    files.write_json_atomically(
+        out / report.PROVENANCE_FILE, {**inference.inference_record(args, members, precision), **record}
+    )
+    masks = f"; masks: {out / 'masks'}/" if args.save_masks else ""
+    print(f"overlay: {final} ({written} frames at {info.fps:g} fps, {info.size[1]}x{info.size[0]}){masks}")
+
+
+def write_overlay(args, source: Path, info: VideoInfo, frames: tuple[int, int], final: Path, save_mask, **model) -> int:
+    """segment_video into final's partial name, renamed to final once complete: a killed or failed run never leaves a
+    finished-looking overlay. model: prepare and predict_batch."""
+    first, stop = frames
+    total = min(stop, info.frames) - first if info.frames > 0 else None
+    progress = tqdm(total=total, desc=f"segmenting {source.name}", unit="frame")
+    partial = files.partial_path(final)
+    try:
+        written = segment_video(
+            source,
+            info,
+            first,
+            stop,
+            every=args.every,
+            batch_size=args.batch_size,
+            draw=plots.video_frame,
+            overlay_path=partial,
+            save_mask=save_mask,
+            progress=progress,
+            **model,
+        )
+        if not written:
+            raise dataset.DataError(f"{source} has no frames from {args.start:g} s on")
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+        progress.close()
+    return written
+
+
+def segment_image_folder(args, source: Path, out: Path) -> None:
+    images = list_images(source)
+    members = inference.load_members(args)
+    clear_folder(out / "masks", "*.png")
+    clear_folder(out / "overlays", "*.jpg")
+    (out / report.PROVENANCE_FILE).unlink(missing_ok=True)
+    device, precision, autocast = None, None, None
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for path, frame in tqdm(
+            zip(images, pool.map(dataset.read_image, images)),
+            total=len(images),
+            desc=f"segmenting {source.name}",
+            unit="image",
+        ):
+            if device is None:
+                device, precision, autocast = inference.on_device(args, members, frame.shape[:2])
+            sizes, passes = inference.inference_passes(members, frame.shape[:2], args.tta, args.tta_scales)
+            predict_one = frame_predictor(args, passes, frame.shape[:2], autocast, device)
+            labels = predict_one([[dataset.scale_image(frame, size) for size in sizes]])[0]
+            files.write_image_atomically(out / "masks" / f"{path.stem}.png", labels)
+            files.write_image_atomically(
+                out / "overlays" / f"{path.stem}.jpg",
+                cv2.cvtColor(plots.video_frame((frame, labels)), cv2.COLOR_RGB2BGR),
+                (cv2.IMWRITE_JPEG_QUALITY, 90),
+            )
+    files.write_json_atomically(
+        out / report.PROVENANCE_FILE,
+        {
+            **inference.inference_record(args, members, precision),
+            "input": str(source),
+            "images": [path.name for path in images],
+        },
+    )
+    print(f"masks: {out / 'masks'}/, overlays: {out / 'overlays'}/ ({len(images)} images)")
+
+
+def segment_input(args) -> None:
+    """--input: a video or a folder of images, with no ground truth."""
+    source = Path(args.input)
+    check_input(source)
+    out = Path(
+        args.output
+        or Path(args.model_directory[0]) / "predictions" / (source.stem if source.is_file() else source.name)
+    )
+    check_writable(out)
+    (segment_video_file if source.is_file() else segment_image_folder)(args, source, out)

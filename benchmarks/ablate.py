@@ -12,6 +12,7 @@ lora-r<rank>) with train.log and inference.log; a configuration already scored i
 --recipe FILE passes --config FILE, and arguments after -- are passed, to every run_training.py call.
 Writes OUTPUT/ablation.csv and OUTPUT/ablation.md.
 """
+
 import argparse
 import csv
 import itertools
@@ -24,10 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dataset import CLASS_NAMES, write_json_atomically  # noqa: E402
-from model import BACKBONE_TRAINING, BACKBONES, DEFAULT_BACKBONE  # noqa: E402
+from dataset import CLASS_NAMES, THIN_CLASSES  # noqa: E402
+from files import write_json_atomically  # noqa: E402
+from hub import BACKBONES, DEFAULT_BACKBONE  # noqa: E402
+from model import BACKBONE_TRAINING  # noqa: E402
 
-THIN_CLASSES = ("suturing needle", "thread")
 SETTINGS_FILE = "ablation_settings.json"  # in each configuration's folder: the settings its results were made with
 DEMO_BANNER = "**demo data + tiny random backbone: these numbers show plumbing, not truth**"
 DEMO_TRAINING = ["--batch-size", "4", "--warmup-steps", "2", "--lr", "1e-3", "--head-lr", "3e-3"]
@@ -39,30 +41,51 @@ def comma_list(text: str) -> list[str]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)")
-    parser.add_argument("--backbones", type=comma_list,
-                        help=f"short names ({', '.join(BACKBONES)}), hub ids or local directories (default: {DEFAULT_BACKBONE})")
+    parser.add_argument(
+        "--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--backbones",
+        type=comma_list,
+        help=f"short names ({', '.join(BACKBONES)}), hub ids or local directories (default: {DEFAULT_BACKBONE})",
+    )
     parser.add_argument("--backbone", help="a single backbone: the same as --backbones with one value")
-    parser.add_argument("--backbone-trainings", type=comma_list, default=["lora"],
-                        help=f"of {', '.join(BACKBONE_TRAINING)}; the LoRA ranks apply to lora only (default: lora)")
+    parser.add_argument(
+        "--backbone-trainings",
+        type=comma_list,
+        default=["lora"],
+        help=f"of {', '.join(BACKBONE_TRAINING)}; the LoRA ranks apply to lora only (default: lora)",
+    )
     parser.add_argument("--output-directory", default="ablation", help="(default: %(default)s)")
     parser.add_argument("--heads", type=comma_list, default=["mlp", "multilayer"], help="(default: mlp,multilayer)")
     parser.add_argument("--losses", type=comma_list, default=["ce", "ce+dice"], help="(default: ce,ce+dice)")
     parser.add_argument("--resolutions", type=comma_list, help="(default: half; full with --demo)")
     parser.add_argument("--lora-ranks", type=comma_list, default=["16"], help="(default: 16)")
-    parser.add_argument("--recipe", metavar="FILE", help="run_training.py --config FILE for every run (flags of the grid "
-                                                         "override it), e.g. recipes/seed.yaml")
-    parser.add_argument("--max-steps", type=int, help="training steps of every configuration (default: 2000; 30 with --demo)")
+    parser.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="run_training.py --config FILE for every run (flags of the grid override it), e.g. recipes/seed.yaml",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, help="training steps of every configuration (default: 2000; 30 with --demo)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="data loader processes of training and inference (default: %(default)s)")
-    parser.add_argument("--demo", action="store_true",
-                        help="build demo data and a tiny random backbone in OUTPUT/demo-data and ablate on them "
-                             "(the tiny backbone is then the only backbone)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="data loader processes of training and inference (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="build demo data and a tiny random backbone in OUTPUT/demo-data and ablate on them "
+        "(the tiny backbone is then the only backbone)",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
-    args.training_extra = argv[split + 1:]
+    args.training_extra = argv[split + 1 :]
     unknown = [t for t in args.backbone_trainings if t not in BACKBONE_TRAINING]
     if unknown:
         parser.error(f"unknown backbone trainings {unknown}: choose from {','.join(BACKBONE_TRAINING)}")
@@ -90,8 +113,15 @@ def mode_label(config: dict) -> str:
 
 def configuration_name(config: dict) -> str:
     """e.g. vitl16_lora-r8_mlp_ce_half."""
-    return "_".join([config["backbone_label"], mode_label(config), config["head"], config["loss"].replace("+", "-"),
-                     config["resolution"]])
+    return "_".join(
+        [
+            config["backbone_label"],
+            mode_label(config),
+            config["head"],
+            config["loss"].replace("+", "-"),
+            config["resolution"],
+        ]
+    )
 
 
 def expand_grid(backbones, trainings, lora_ranks, heads, losses, resolutions) -> list[dict]:
@@ -99,21 +129,38 @@ def expand_grid(backbones, trainings, lora_ranks, heads, losses, resolutions) ->
     Raises ValueError if two backbones would share a folder label."""
     labels = {backbone: backbone_label(backbone) for backbone in dict.fromkeys(backbones)}
     if len(set(labels.values())) < len(labels):
-        raise ValueError(f"backbones {list(labels)} do not have distinct folder labels ({list(labels.values())}): "
-                         "give directories with distinct names")
-    unique = lambda values: list(dict.fromkeys(values))
-    modes = [(training, rank) for training in unique(trainings)
-             for rank in (unique(lora_ranks) if training == "lora" else [None])]
-    return [{"backbone": backbone, "backbone_label": labels[backbone], "backbone_training": training, "lora_rank": rank,
-             "head": head, "loss": loss, "resolution": resolution}
-            for backbone, (training, rank), head, loss, resolution in
-            itertools.product(labels, modes, unique(heads), unique(losses), unique(resolutions))]
+        raise ValueError(
+            f"backbones {list(labels)} do not have distinct folder labels ({list(labels.values())}): "
+            "give directories with distinct names"
+        )
+    unique = lambda values: list(dict.fromkeys(values))  # noqa: E731
+    modes = [
+        (training, rank)
+        for training in unique(trainings)
+        for rank in (unique(lora_ranks) if training == "lora" else [None])
+    ]
+    return [
+        {
+            "backbone": backbone,
+            "backbone_label": labels[backbone],
+            "backbone_training": training,
+            "lora_rank": rank,
+            "head": head,
+            "loss": loss,
+            "resolution": resolution,
+        }
+        for backbone, (training, rank), head, loss, resolution in itertools.product(
+            labels, modes, unique(heads), unique(losses), unique(resolutions)
+        )
+    ]
 
 
 def run_logged(command: list, log_path: Path) -> bool:
     """Run a project script with its output in log_path; True if it succeeded."""
     with open(log_path, "a") as log:
-        return subprocess.run([sys.executable, *map(str, command)], stdout=log, stderr=subprocess.STDOUT).returncode == 0
+        return (
+            subprocess.run([sys.executable, *map(str, command)], stdout=log, stderr=subprocess.STDOUT).returncode == 0
+        )
 
 
 def build_demo_inputs(directory: Path) -> tuple[Path, Path]:
@@ -121,12 +168,26 @@ def build_demo_inputs(directory: Path) -> tuple[Path, Path]:
     data, backbone = directory / "sarrarp", directory / "tiny-dinov3"
     directory.mkdir(parents=True, exist_ok=True)
     if not (data / "train").is_dir():
-        steps = [[ROOT / "scripts" / "make_demo_data.py", "--output", data, "--seconds", "4", "--width", "128", "--height", "96"],
-                 [ROOT / "scripts" / "extract_frames.py", data, "--jobs", "2"]]
+        steps = [
+            [
+                ROOT / "scripts" / "make_demo_data.py",
+                "--output",
+                data,
+                "--seconds",
+                "4",
+                "--width",
+                "128",
+                "--height",
+                "96",
+            ],
+            [ROOT / "scripts" / "extract_frames.py", data, "--jobs", "2"],
+        ]
         if not all(run_logged(step, directory / "make_demo.log") for step in steps):
             sys.exit(f"error: building the demo data failed; see {directory / 'make_demo.log'}")
     if not (backbone / "config.json").is_file():
-        if not run_logged([ROOT / "scripts" / "make_tiny_backbone.py", "--output", backbone], directory / "make_demo.log"):
+        if not run_logged(
+            [ROOT / "scripts" / "make_tiny_backbone.py", "--output", backbone], directory / "make_demo.log"
+        ):
             sys.exit(f"error: making the tiny backbone failed; see {directory / 'make_demo.log'}")
     return data, backbone
 
@@ -134,27 +195,67 @@ def build_demo_inputs(directory: Path) -> tuple[Path, Path]:
 def training_command(args, config: dict, run: Path) -> list:
     """run_training.py and its arguments for one configuration: the recipe first, so the grid's flags override it."""
     lora = config["backbone_training"] == "lora"
-    return [ROOT / "run_training.py", *(["--config", args.recipe] if args.recipe else []),
-            "--data-directory", args.data_directory, "--output-directory", run, "--backbone", config["backbone"],
-            "--backbone-training", config["backbone_training"], *(["--lora-rank", config["lora_rank"]] if lora else []),
-            "--head", config["head"], "--loss", config["loss"], "--resolution", config["resolution"],
-            "--max-steps", args.max_steps, "--seed", args.seed, "--num-workers", args.num_workers,
-            "--val-every", args.max_steps, *(DEMO_TRAINING if args.demo else []),
-            *args.training_extra, *(["--resume"] if (run / "checkpoint.pt").is_file() else [])]
+    return [
+        ROOT / "run_training.py",
+        *(["--config", args.recipe] if args.recipe else []),
+        "--data-directory",
+        args.data_directory,
+        "--output-directory",
+        run,
+        "--backbone",
+        config["backbone"],
+        "--backbone-training",
+        config["backbone_training"],
+        *(["--lora-rank", config["lora_rank"]] if lora else []),
+        "--head",
+        config["head"],
+        "--loss",
+        config["loss"],
+        "--resolution",
+        config["resolution"],
+        "--max-steps",
+        args.max_steps,
+        "--seed",
+        args.seed,
+        "--num-workers",
+        args.num_workers,
+        "--val-every",
+        args.max_steps,
+        *(DEMO_TRAINING if args.demo else []),
+        *args.training_extra,
+        *(["--resume"] if (run / "checkpoint.pt").is_file() else []),
+    ]
 
 
 def inference_command(args, config: dict, run: Path) -> list:
-    return [ROOT / "run_inference.py", "--data-directory", args.data_directory, "--model-directory", run,
-            "--split", "val", "--checkpoint", "last", "--num-workers", args.num_workers, "--backbone", config["backbone"]]
+    return [
+        ROOT / "run_inference.py",
+        "--data-directory",
+        args.data_directory,
+        "--model-directory",
+        run,
+        "--split",
+        "val",
+        "--checkpoint",
+        "last",
+        "--num-workers",
+        args.num_workers,
+        "--backbone",
+        config["backbone"],
+    ]
 
 
 def run_settings(args, config: dict, run: Path) -> dict:
     """What a configuration's results depend on: its two commands, without --resume and the worker count."""
+
     def settings(command):
         tokens = [str(token) for token in command if token != "--resume"]
         return {flag: value for flag, value in flags(tokens).items() if flag != "--num-workers"}
-    return {"training": settings(training_command(args, config, run)),
-            "inference": settings(inference_command(args, config, run))}
+
+    return {
+        "training": settings(training_command(args, config, run)),
+        "inference": settings(inference_command(args, config, run)),
+    }
 
 
 def flags(tokens: list[str]) -> dict:
@@ -179,9 +280,13 @@ def settings_change(run: Path, settings: dict) -> str | None:
         return "settings unknown (made by an earlier version, or the record is damaged)"
     if recorded == settings:
         return None
-    changes = [f"{flag} {old.get(flag, '(none)')} -> {new.get(flag, '(none)')}"
-               for part in ("training", "inference") for old, new in [(recorded.get(part, {}), settings[part])]
-               for flag in dict.fromkeys([*old, *new]) if old.get(flag) != new.get(flag)]
+    changes = [
+        f"{flag} {old.get(flag, '(none)')} -> {new.get(flag, '(none)')}"
+        for part in ("training", "inference")
+        for old, new in [(recorded.get(part, {}), settings[part])]
+        for flag in dict.fromkeys([*old, *new])
+        if old.get(flag) != new.get(flag)
+    ]
     return "; ".join(dict.fromkeys(changes))
 
 
@@ -209,11 +314,16 @@ def result_row(config: dict, run: Path, status: str) -> dict:
     logged = [r for r in records if "images_per_second" in r]
     arguments = training["arguments"]
     images_per_step = arguments["batch_size"] * arguments["grad_accum_steps"] * training["world_size"]
-    row.update(score=scores["score"], mIoU=scores["mIoU"], mNSD=scores["mNSD"],
-               images_per_second=logged[-1]["images_per_second"],
-               seconds_per_step=images_per_step / logged[-1]["images_per_second"],
-               peak_memory_mb=max(r["peak_memory_mb"] for r in logged), memory_of=training["device"],
-               trainable_parameters=training["parameters"]["trainable"])
+    row.update(
+        score=scores["score"],
+        mIoU=scores["mIoU"],
+        mNSD=scores["mNSD"],
+        images_per_second=logged[-1]["images_per_second"],
+        seconds_per_step=images_per_step / logged[-1]["images_per_second"],
+        peak_memory_mb=max(r["peak_memory_mb"] for r in logged),
+        memory_of=training["device"],
+        trainable_parameters=training["parameters"]["trainable"],
+    )
     for name, values in scores["classes"].items():
         row[f"{name} IoU"], row[f"{name} NSD"] = values["IoU"], values["NSD"]
     return row
@@ -226,37 +336,57 @@ def write_tables(rows: list[dict], args, output: Path) -> str:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
-    number = lambda value, digits=4: f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    number = lambda value, digits=4: f"{value:.{digits}f}" if isinstance(value, float) else str(value)  # noqa: E731
     scored = [row for row in rows if row["status"] == "ok"]
     lines = ["# Ablation", ""]
     if args.demo:
         lines += [DEMO_BANNER, ""]
-    lines += [f"data `{args.data_directory}`, {args.max_steps} steps, seed {args.seed}, recipe `{args.recipe or 'none'}`, "
-              f"extra training arguments `{' '.join(args.training_extra) or 'none'}`; "
-              "scored with run_inference.py --split val --checkpoint last (official SAR-RARP50 metric).", "",
-              "| configuration | backbone | mode | score | mIoU | mNSD | thread* IoU/NSD | needle* IoU/NSD | s/step | images/s "
-              "| peak MB | trainable params |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"data `{args.data_directory}`, {args.max_steps} steps, seed {args.seed}, recipe `{args.recipe or 'none'}`, "
+        f"extra training arguments `{' '.join(args.training_extra) or 'none'}`; "
+        "scored with run_inference.py --split val --checkpoint last (official SAR-RARP50 metric).",
+        "",
+        "| configuration | backbone | mode | score | mIoU | mNSD | thread* IoU/NSD | needle* IoU/NSD | s/step | images/s "
+        "| peak MB | trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         described = f"| {row['configuration']} | {row['backbone_label']} | {mode_label(row)} |"
         if row["status"] != "ok":
             lines.append(f"{described} {row['status']} |" + " |" * 8)
             continue
-        lines.append(f"{described} {number(row['score'])} | {number(row['mIoU'])} | {number(row['mNSD'])} | "
-                     f"{row['thread IoU']:.3f}/{row['thread NSD']:.3f} | "
-                     f"{row['suturing needle IoU']:.3f}/{row['suturing needle NSD']:.3f} | {row['seconds_per_step']:.3f} | "
-                     f"{row['images_per_second']:.2f} | {row['peak_memory_mb']:.0f} | {row['trainable_parameters']:,} |")
+        lines.append(
+            f"{described} {number(row['score'])} | {number(row['mIoU'])} | {number(row['mNSD'])} | "
+            f"{row['thread IoU']:.3f}/{row['thread NSD']:.3f} | "
+            f"{row['suturing needle IoU']:.3f}/{row['suturing needle NSD']:.3f} | {row['seconds_per_step']:.3f} | "
+            f"{row['images_per_second']:.2f} | {row['peak_memory_mb']:.0f} | {row['trainable_parameters']:,} |"
+        )
     devices = sorted({row["memory_of"] for row in scored})
-    lines += ["", "peak MB: " + ("torch.cuda.max_memory_allocated" if devices == ["cuda"] else
-                                 "the training process's peak resident set (CPU run)" if devices == ["cpu"] else
-                                 "GPU runs: torch.cuda.max_memory_allocated; CPU runs: peak resident set")
-              + "; s/step and images/s: training time only (validation and saving excluded); * thin classes.", "",
-              "Per class (IoU/NSD):", "",
-              "| configuration | " + " | ".join(name + ("*" if name in THIN_CLASSES else "") for name in CLASS_NAMES[1:]) + " |",
-              "|---|" + "---|" * (len(CLASS_NAMES) - 1)]
+    lines += [
+        "",
+        "peak MB: "
+        + (
+            "torch.cuda.max_memory_allocated"
+            if devices == ["cuda"]
+            else "the training process's peak resident set (CPU run)"
+            if devices == ["cpu"]
+            else "GPU runs: torch.cuda.max_memory_allocated; CPU runs: peak resident set"
+        )
+        + "; s/step and images/s: training time only (validation and saving excluded); * thin classes.",
+        "",
+        "Per class (IoU/NSD):",
+        "",
+        "| configuration | "
+        + " | ".join(name + ("*" if name in THIN_CLASSES else "") for name in CLASS_NAMES[1:])
+        + " |",
+        "|---|" + "---|" * (len(CLASS_NAMES) - 1),
+    ]
     for row in scored:
-        lines.append(f"| {row['configuration']} | "
-                     + " | ".join(f"{row[f'{name} IoU']:.3f}/{row[f'{name} NSD']:.3f}" for name in CLASS_NAMES[1:]) + " |")
+        lines.append(
+            f"| {row['configuration']} | "
+            + " | ".join(f"{row[f'{name} IoU']:.3f}/{row[f'{name} NSD']:.3f}" for name in CLASS_NAMES[1:])
+            + " |"
+        )
     markdown = "\n".join(lines) + "\n"
     (output / "ablation.md").write_text(markdown)
     return markdown
@@ -270,24 +400,32 @@ def main(argv=None) -> int:
         args.data_directory, backbone = build_demo_inputs(output / "demo-data")
         args.backbones = [str(backbone)]
     try:
-        grid = expand_grid(args.backbones, args.backbone_trainings, args.lora_ranks, args.heads, args.losses,
-                           args.resolutions)
+        grid = expand_grid(
+            args.backbones, args.backbone_trainings, args.lora_ranks, args.heads, args.losses, args.resolutions
+        )
     except ValueError as error:
         sys.exit(f"error: {error}")
-    runs = {configuration_name(config): run_settings(args, config, output / configuration_name(config)) for config in grid}
+    runs = {
+        configuration_name(config): run_settings(args, config, output / configuration_name(config)) for config in grid
+    }
     stale = {name: change for name, settings in runs.items() if (change := settings_change(output / name, settings))}
     if stale:  # old scores are never shown under new settings
         name, change = next(iter(stale.items()))
         others = f" and {len(stale) - 1} more configurations were" if len(stale) > 1 else " was"
-        sys.exit(f"error: {output / name}{others} made with other settings ({change}): choose another "
-                 "--output-directory, or delete them to redo them")
+        sys.exit(
+            f"error: {output / name}{others} made with other settings ({change}): choose another "
+            "--output-directory, or delete them to redo them"
+        )
     rows = []
     for k, config in enumerate(grid, 1):
         run = output / configuration_name(config)
         print(f"[{k}/{len(grid)}] {run.name} ...", flush=True)
         status = run_configuration(args, config, run)
         rows.append(result_row(config, run, status))
-        print(f"[{k}/{len(grid)}] {run.name}: " + (f"score {rows[-1]['score']:.4f}" if status == "ok" else status), flush=True)
+        print(
+            f"[{k}/{len(grid)}] {run.name}: " + (f"score {rows[-1]['score']:.4f}" if status == "ok" else status),
+            flush=True,
+        )
     print(write_tables(rows, args, output))
     print(f"tables: {output / 'ablation.md'}, {output / 'ablation.csv'}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1

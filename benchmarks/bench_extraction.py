@@ -1,4 +1,4 @@
-"""Frame extraction: the seed's own ffmpeg command vs our labelled-frame extraction vs plain decoding.
+r"""Frame extraction: the seed's own ffmpeg command vs our labelled-frame extraction vs plain decoding.
 
     .venv/bin/python benchmarks/bench_extraction.py [--seconds 60] [--workdir DIR] [--keep]
         [--repeats 2] [--preset veryfast] [--all-frames [--all-frames-seconds N]] [--incorrect-baseline]
@@ -21,6 +21,7 @@ Every file (s) and (b) wrote is compared with frame i of a sequential cv2 read()
 pairs with a mask by ({i:09d}.png), and a file under the wrong name is matched to the frame it
 holds. The figures are printed, never asserted: report the measured ratios as they are.
 """
+
 import argparse
 import os
 import resource
@@ -46,6 +47,7 @@ TARGET_FLOOR = 1.5  # ours at most 1.5x one plain decode
 def ffmpeg_exe() -> str:
     try:
         import imageio_ffmpeg
+
         return imageio_ffmpeg.get_ffmpeg_exe()
     except ImportError:
         found = shutil.which("ffmpeg")
@@ -78,16 +80,41 @@ def pngs(folder: Path) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- the test video
 
+
 def make_video(video_dir: Path, seconds: int, preset: str, crf: int, seed: int) -> float:
     """Render the video through ffmpeg/libx264 and write masks of frames 0, 60, ...; returns seconds taken."""
     start = time.perf_counter()
     (video_dir / "segmentation").mkdir(parents=True)
     rng = np.random.default_rng([seed, 1])
     scene = demo.Scene(rng, WIDTH, HEIGHT, {demo.NEEDLE, demo.THREAD, demo.SUCTION, demo.CLAMPS})
-    command = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-               "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{WIDTH}x{HEIGHT}", "-r", str(FPS), "-i", "-",
-               "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-g", "250", "-pix_fmt", "yuv420p",
-               str(video_dir / "video_left.avi")]
+    command = [
+        ffmpeg_exe(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "bgr24",
+        "-s",
+        f"{WIDTH}x{HEIGHT}",
+        "-r",
+        str(FPS),
+        "-i",
+        "-",
+        "-c:v",
+        "libx264",
+        "-preset",
+        preset,
+        "-crf",
+        str(crf),
+        "-g",
+        "250",
+        "-pix_fmt",
+        "yuv420p",
+        str(video_dir / "video_left.avi"),
+    ]
     encoder = subprocess.Popen(command, stdin=subprocess.PIPE)
     frames = seconds * FPS
     try:
@@ -118,6 +145,7 @@ def describe_video(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- the approaches
 
+
 def decode_floor(video: Path, method: str, keep: set[int] | None = None) -> tuple[float, float, int, dict]:
     """Sequential decode of the whole video with grab() or read(), writing nothing.
     Returns wall s, CPU s, frames decoded and copies of the frames in keep (read() only)."""
@@ -141,23 +169,58 @@ def decode_floor(video: Path, method: str, keep: set[int] | None = None) -> tupl
 
 
 def ours(data: Path, output_name: str) -> tuple[float, float]:
-    return run_command([sys.executable, str(ROOT / "scripts" / "extract_frames.py"), str(data),
-                        "--rate", "labelled", "--jobs", "1", "--output-name", output_name])
+    return run_command(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "extract_frames.py"),
+            str(data),
+            "--rate",
+            "labelled",
+            "--jobs",
+            "1",
+            "--output-name",
+            output_name,
+        ]
+    )
 
 
 def all_frames(video: Path, output: Path, limit: int | None = None) -> tuple[float, float]:
     """ffmpeg's every-frame PNG dump with its default PNG settings; limit: only the first frames."""
     output.mkdir()
     first = ["-frames:v", str(limit)] if limit else []
-    return run_command([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(video),
-                        "-fps_mode", "passthrough", *first, "-start_number", "0", str(output / "%09d.png")])
+    return run_command(
+        [
+            ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-i",
+            str(video),
+            "-fps_mode",
+            "passthrough",
+            *first,
+            "-start_number",
+            "0",
+            str(output / "%09d.png"),
+        ]
+    )
 
 
 def seed_command(video: Path, output: Path) -> tuple[float, float]:
     """The design we start from's extraction: every 60th frame, named by its presentation timestamp."""
     output.mkdir()
-    base = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(video),
-            "-vf", r"select=not(mod(n\,60))"]
+    base = [
+        ffmpeg_exe(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-i",
+        str(video),
+        "-vf",
+        r"select=not(mod(n\,60))",
+    ]
     names = ["-frame_pts", "1", str(output / "%09d.png")]
     probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-h", "full"], capture_output=True, text=True).stdout
     timing = ["-vsync", "vfr"] if "-vsync" in probe else ["-fps_mode", "vfr"]  # newer builds dropped -vsync
@@ -168,11 +231,24 @@ def incorrect_select(video: Path, output: Path) -> tuple[float, float]:
     """The notes' wrong command: select every 60th frame without -fps_mode passthrough
     (the output is re-timed to a constant rate, so ffmpeg duplicates the selected frames)."""
     output.mkdir()
-    return run_command([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin", "-i", str(video),
-                        "-vf", r"select=not(mod(n\,60))", str(output / "%09d.png")])
+    return run_command(
+        [
+            ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-i",
+            str(video),
+            "-vf",
+            r"select=not(mod(n\,60))",
+            str(output / "%09d.png"),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- frame accuracy
+
 
 def compare(folder: Path, reference: dict, name_of) -> tuple[int, int, int, int]:
     """(exact, differing, missing, largest pixel difference) frames of folder vs the reference frames; name_of(i) gives the file name."""
@@ -201,8 +277,10 @@ def misnamed(folder: Path, reference: dict) -> list[str]:
         if index in reference and np.array_equal(image, reference[index]):
             continue
         held = next((i for i, frame in reference.items() if np.array_equal(image, frame)), None)
-        notes.append(f"{path.name} holds " + (f"frame {held} (name off by {index - held:+d})" if held is not None
-                                              else "no labelled frame"))
+        notes.append(
+            f"{path.name} holds "
+            + (f"frame {held} (name off by {index - held:+d})" if held is not None else "no labelled frame")
+        )
     return notes
 
 
@@ -219,24 +297,37 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=60, help="video length at 60 fps (default: 60)")
     parser.add_argument("--workdir", type=Path, help="where the video and outputs go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of (b) and (c), split before and after (a) (default: 2)")
-    parser.add_argument("--preset", default="veryfast",
-                        help="libx264 preset of the test video (default: veryfast; slower presets take "
-                        "minutes longer to encode and decode a little more slowly)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of (b) and (c), split before and after (a) (default: 2)"
+    )
+    parser.add_argument(
+        "--preset",
+        default="veryfast",
+        help="libx264 preset of the test video (default: veryfast; slower presets take "
+        "minutes longer to encode and decode a little more slowly)",
+    )
     parser.add_argument("--crf", type=int, default=23, help="libx264 CRF of the test video (default: 23)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--all-frames", action="store_true",
-                        help="also run the aside (a), ffmpeg writing every frame as a PNG (slow: ~35 min for 60 s "
-                        "on 2 cores with ffmpeg 9)")
-    parser.add_argument("--all-frames-seconds", type=int,
-                        help="run (a) on the first N seconds only and scale its time, CPU, disk and files "
-                        "to the whole video (PNG encoding is per frame, so the cost is linear); default: "
-                        "the whole video. For when ffmpeg's PNG encoder is slow (ffmpeg 9's default "
-                        "paeth prediction takes ~0.4 CPU s per 1080p frame)")
-    parser.add_argument("--incorrect-baseline", action="store_true",
-                        help="also time ffmpeg select every 60th frame without -fps_mode passthrough "
-                        "(the command behind the issue's 440 s; as slow as (a))")
+    parser.add_argument(
+        "--all-frames",
+        action="store_true",
+        help="also run the aside (a), ffmpeg writing every frame as a PNG (slow: ~35 min for 60 s "
+        "on 2 cores with ffmpeg 9)",
+    )
+    parser.add_argument(
+        "--all-frames-seconds",
+        type=int,
+        help="run (a) on the first N seconds only and scale its time, CPU, disk and files "
+        "to the whole video (PNG encoding is per frame, so the cost is linear); default: "
+        "the whole video. For when ffmpeg's PNG encoder is slow (ffmpeg 9's default "
+        "paeth prediction takes ~0.4 CPU s per 1080p frame)",
+    )
+    parser.add_argument(
+        "--incorrect-baseline",
+        action="store_true",
+        help="also time ffmpeg select every 60th frame without -fps_mode passthrough "
+        "(the command behind the issue's 440 s; as slow as (a))",
+    )
     args = parser.parse_args()
     if args.seconds < 1 or args.repeats < 1:
         parser.error("--seconds and --repeats must be at least 1")
@@ -268,8 +359,10 @@ def run(args, work: Path) -> int:
     video_dir = data / "video_01"
     video = video_dir / "video_left.avi"
     print(f"{os.cpu_count()} CPUs, OpenCV {cv2.__version__}, ffmpeg {ffmpeg_exe()}")
-    log(f"rendering {args.seconds} s of {WIDTH}x{HEIGHT} at {FPS} fps "
-        f"(libx264 -preset {args.preset} -crf {args.crf} -g 250 -pix_fmt yuv420p) into {video}")
+    log(
+        f"rendering {args.seconds} s of {WIDTH}x{HEIGHT} at {FPS} fps "
+        f"(libx264 -preset {args.preset} -crf {args.crf} -g 250 -pix_fmt yuv420p) into {video}"
+    )
     generation = make_video(video_dir, args.seconds, args.preset, args.crf, args.seed)
     frames = args.seconds * FPS
     wanted = sorted(int(p.stem) for p in (video_dir / "segmentation").glob("*.png"))
@@ -292,8 +385,12 @@ def run(args, work: Path) -> int:
         timings["seed"].append(seed_command(video, video_dir / f"seed_run{run_number}"))
         log(f"(s) the seed's ffmpeg select + -frame_pts, run {run_number}: {timings['seed'][-1][0]:.2f} s")
 
-    startup = mean([run_command([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dataset"])[0]
-                    for _ in range(args.repeats)])
+    startup = mean(
+        [
+            run_command([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dataset"])[0]
+            for _ in range(args.repeats)
+        ]
+    )
     aside = all_frames_aside(args, video, video_dir, frames, reference) if args.all_frames else None
     incorrect = None
     if args.incorrect_baseline:
@@ -302,53 +399,85 @@ def run(args, work: Path) -> int:
         incorrect = (x_wall, x_cpu, *pngs(video_dir / "ffmpeg_select_cfr"))
 
     log("checking frame accuracy against a sequential cv2 read()")
-    name = lambda i: f"{i:09d}.png"  # noqa: E731: the name that pairs a frame with its mask
+    name = lambda i: f"{i:09d}.png"  # noqa: E731 (the name that pairs a frame with its mask)
     ours_checks = [compare(video_dir / f"frames_run{r}", reference, name) for r in range(1, args.repeats + 1)]
     seed_check = compare(video_dir / "seed_run1", reference, name)
     seed_misnamed = misnamed(video_dir / "seed_run1", reference)
     b_exact = all(c[0] == len(wanted) for c in ours_checks)
-    (b_wall, b_cpu), (s_wall, s_cpu) = [(mean([w for w, _ in timings[k]]), mean([c for _, c in timings[k]]))
-                                        for k in ("ours", "seed")]
-    (g_wall, g_cpu), (r_wall, r_cpu) = [(mean([w for w, _ in timings[k]]), mean([c for _, c in timings[k]]))
-                                        for k in ("grab", "read")]
+    (b_wall, b_cpu), (s_wall, s_cpu) = [
+        (mean([w for w, _ in timings[k]]), mean([c for _, c in timings[k]])) for k in ("ours", "seed")
+    ]
+    (g_wall, g_cpu), (r_wall, r_cpu) = [
+        (mean([w for w, _ in timings[k]]), mean([c for _, c in timings[k]])) for k in ("grab", "read")
+    ]
     (b_files, b_bytes), (s_files, s_bytes) = pngs(video_dir / "frames_run1"), pngs(video_dir / "seed_run1")
 
     print()
-    print(f"Video: {args.seconds} s, {describe_video(video)}; {len(wanted)} labelled frames "
-          f"(0, 60, ..., {wanted[-1]}); {os.cpu_count()} CPUs, shared")
+    print(
+        f"Video: {args.seconds} s, {describe_video(video)}; {len(wanted)} labelled frames "
+        f"(0, 60, ..., {wanted[-1]}); {os.cpu_count()} CPUs, shared"
+    )
     print(f"mean of {args.repeats} runs each, interleaved. CPU = user + system seconds of all threads/processes.")
     print()
     header = f"{'approach':<62}{'time s':>9}{'CPU s':>9}{'disk':>11}{'files':>7}"
     print(header)
     print("-" * len(header))
-    print(f"{'(s) the seed: ffmpeg select every 60th, -vsync vfr -frame_pts':<62}{s_wall:>9.2f}{s_cpu:>9.2f}"
-          f"{size_text(s_bytes):>11}{s_files:>7}")
-    print(f"{'(b) ours: extract_frames.py --rate labelled --jobs 1':<62}{b_wall:>9.2f}{b_cpu:>9.2f}"
-          f"{size_text(b_bytes):>11}{b_files:>7}")
+    print(
+        f"{'(s) the seed: ffmpeg select every 60th, -vsync vfr -frame_pts':<62}{s_wall:>9.2f}{s_cpu:>9.2f}"
+        f"{size_text(s_bytes):>11}{s_files:>7}"
+    )
+    print(
+        f"{'(b) ours: extract_frames.py --rate labelled --jobs 1':<62}{b_wall:>9.2f}{b_cpu:>9.2f}"
+        f"{size_text(b_bytes):>11}{b_files:>7}"
+    )
     print(f"{'(c) floor: cv2 grab() every frame, no writes':<62}{g_wall:>9.2f}{g_cpu:>9.2f}{'-':>11}{'-':>7}")
     print(f"{'    reference: cv2 read() every frame, no writes':<62}{r_wall:>9.2f}{r_cpu:>9.2f}{'-':>11}{'-':>7}")
     if incorrect:
-        print(f"{'(x) ffmpeg select every 60th, no passthrough (wrong)':<62}{incorrect[0]:>9.1f}{incorrect[1]:>9.1f}"
-              f"{size_text(incorrect[3]):>11}{incorrect[2]:>7}")
-    print(f"(b) includes {startup:.2f} s of start-up (Python importing torch and albumentations through dataset.py), "
-          "paid once per command, not per video")
-    print("single runs, s: " + "; ".join(f"{key} " + ", ".join(f"{w:.2f}" for w, _ in values)
-                                         for key, values in timings.items()))
+        print(
+            f"{'(x) ffmpeg select every 60th, no passthrough (wrong)':<62}{incorrect[0]:>9.1f}{incorrect[1]:>9.1f}"
+            f"{size_text(incorrect[3]):>11}{incorrect[2]:>7}"
+        )
+    print(
+        f"(b) includes {startup:.2f} s of start-up (Python importing torch and albumentations through dataset.py), "
+        "paid once per command, not per video"
+    )
+    print(
+        "single runs, s: "
+        + "; ".join(f"{key} " + ", ".join(f"{w:.2f}" for w, _ in values) for key, values in timings.items())
+    )
     print()
     print(f"{'ratio':<46}{'time':>9}{'CPU':>8}{'disk':>8}")
-    print(f"{'(s)/(b): the seed over ours':<46}{s_wall / b_wall:>8.2f}x{s_cpu / b_cpu:>7.2f}x{s_bytes / b_bytes:>7.2f}x")
+    print(
+        f"{'(s)/(b): the seed over ours':<46}{s_wall / b_wall:>8.2f}x{s_cpu / b_cpu:>7.2f}x{s_bytes / b_bytes:>7.2f}x"
+    )
     floor = b_wall / g_wall
-    print(f"{'(b)/(c): ours over the grab() floor':<46}{floor:>8.2f}x{b_cpu / g_cpu:>7.2f}x"
-          f"   target <= {TARGET_FLOOR}x: {'met' if floor <= TARGET_FLOOR else 'NOT met'}")
+    print(
+        f"{'(b)/(c): ours over the grab() floor':<46}{floor:>8.2f}x{b_cpu / g_cpu:>7.2f}x"
+        f"   target <= {TARGET_FLOOR}x: {'met' if floor <= TARGET_FLOOR else 'NOT met'}"
+    )
     print(f"{'(b)/(c) without the start-up':<46}{(b_wall - startup) / g_wall:>8.2f}x")
     print()
     print(f"frames under the name that pairs them with their mask ({{i:09d}}.png holds frame i), of {len(wanted)}:")
-    print(f"  (b) ours, {args.repeats} runs: " + ("all exact" if b_exact else "; ".join(
-        f"run {r}: {e} exact, {d} differ (max |diff| {w}), {m} missing" for r, (e, d, m, w) in enumerate(ours_checks, 1))))
+    print(
+        f"  (b) ours, {args.repeats} runs: "
+        + (
+            "all exact"
+            if b_exact
+            else "; ".join(
+                f"run {r}: {e} exact, {d} differ (max |diff| {w}), {m} missing"
+                for r, (e, d, m, w) in enumerate(ours_checks, 1)
+            )
+        )
+    )
     e, d, m, w = seed_check
-    print(f"  (s) the seed: {e} exact, {d} differ, {m} missing; " +
-          (f"{len(seed_misnamed)} files misnamed, e.g. {', '.join(seed_misnamed[:3])}" if seed_misnamed else
-           "no file misnamed"))
+    print(
+        f"  (s) the seed: {e} exact, {d} differ, {m} missing; "
+        + (
+            f"{len(seed_misnamed)} files misnamed, e.g. {', '.join(seed_misnamed[:3])}"
+            if seed_misnamed
+            else "no file misnamed"
+        )
+    )
     if aside:
         print(aside)
     return 0 if b_exact else 1
@@ -358,17 +487,22 @@ def all_frames_aside(args, video: Path, video_dir: Path, frames: int, reference:
     """(a), every frame to PNG: timed (on the first --all-frames-seconds, scaled), returned as a labelled line."""
     partial = args.all_frames_seconds and args.all_frames_seconds < args.seconds
     limit = args.all_frames_seconds * FPS if partial else None
-    log("(a) aside: ffmpeg -i video_left.avi -fps_mode passthrough -start_number 0 OUT/%09d.png"
-        + (f" on the first {limit} frames, scaled to {frames}" if partial else " (every frame; slow)"))
+    log(
+        "(a) aside: ffmpeg -i video_left.avi -fps_mode passthrough -start_number 0 OUT/%09d.png"
+        + (f" on the first {limit} frames, scaled to {frames}" if partial else " (every frame; slow)")
+    )
     wall, cpu = all_frames(video, video_dir / "ffmpeg_all", limit)
     files, size = pngs(video_dir / "ffmpeg_all")
     scale = frames / files
-    exact = compare(video_dir / "ffmpeg_all", {i: f for i, f in reference.items() if i < files},
-                    lambda i: f"{i:09d}.png")[0]
-    return (f"aside, not a baseline (no pipeline of the seed's runs it): (a) every frame to PNG would take "
-            f"{wall * scale:.0f} s (CPU {cpu * scale:.0f} s), {size_text(size * scale)} in {frames} files"
-            + (f" (measured on {files} frames, scaled x{scale:g})" if partial else "")
-            + f"; its labelled frames exact: {exact}")
+    exact = compare(
+        video_dir / "ffmpeg_all", {i: f for i, f in reference.items() if i < files}, lambda i: f"{i:09d}.png"
+    )[0]
+    return (
+        f"aside, not a baseline (no pipeline of the seed's runs it): (a) every frame to PNG would take "
+        f"{wall * scale:.0f} s (CPU {cpu * scale:.0f} s), {size_text(size * scale)} in {frames} files"
+        + (f" (measured on {files} frames, scaled x{scale:g})" if partial else "")
+        + f"; its labelled frames exact: {exact}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Frames/second of the official score: straightforward vs cropped frame_scores vs evaluate_directories, same results.
 
-    .venv/bin/python benchmarks/bench_metrics.py --frames 20 --workers 8
+.venv/bin/python benchmarks/bench_metrics.py --frames 20 --workers 8
 """
 
 import argparse
@@ -58,8 +58,16 @@ def draw(shapes, shift=lambda: (0, 0), grow=lambda: 0):
             cv2.ellipse(labels, tuple(np.round(centre + offset).astype(int)), axes, angle, 0, 360, c, -1)
         elif kind == "arc":
             centre, radius, start, stop, thickness = geometry
-            cv2.ellipse(labels, tuple(np.round(centre + offset).astype(int)), (int(radius), int(radius)), 0,
-                        start, stop, c, max(thickness + grow(), 1))
+            cv2.ellipse(
+                labels,
+                tuple(np.round(centre + offset).astype(int)),
+                (int(radius), int(radius)),
+                0,
+                start,
+                stop,
+                c,
+                max(thickness + grow(), 1),
+            )
         else:  # a thin curvy polyline
             points, thickness = geometry
             cv2.polylines(labels, [np.round(points + offset).astype(np.int32)], False, c, max(thickness + grow(), 1))
@@ -93,8 +101,10 @@ def main():
     pairs = [make_pair(rng) for _ in range(args.frames)]
     videos = [f"video_{i // FRAMES_PER_VIDEO + 1:02d}" for i in range(args.frames)]
     present = np.mean([len(np.setdiff1d(np.union1d(np.unique(g), np.unique(p)), [0])) for g, p in pairs])
-    print(f"{args.frames} frames {WIDTH}x{HEIGHT}, {present:.1f} classes present per frame on average, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"{args.frames} frames {WIDTH}x{HEIGHT}, {present:.1f} classes present per frame on average, "
+        f"{os.cpu_count()} CPUs"
+    )
 
     reference, t_reference = timed(lambda: [reference_frame_scores(p, g) for g, p in pairs])
     fast, t_fast = timed(lambda: [frame_scores(p, g) for g, p in pairs])
@@ -106,22 +116,30 @@ def main():
                 path = Path(root, folder, video, "segmentation", f"{60 * i:09d}.png")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(path), labels)
-        on_disk, t_disk = timed(lambda: evaluate_directories(Path(root, "GT"), Path(root, "PRED"),
-                                                             workers=args.workers, progress=False))
+        on_disk, t_disk = timed(
+            lambda: evaluate_directories(Path(root, "GT"), Path(root, "PRED"), workers=args.workers, progress=False)
+        )
     by_video = {}
     for video, scores in zip(videos, fast):
         by_video.setdefault(video, []).append(scores)
     expected = summarize(by_video)
     disk_difference = max(abs(on_disk[k] - expected[k]) for k in ("mIoU", "mNSD", "score"))
 
-    rows = [("(a) reference_frame_scores", 1, t_reference), ("(b) frame_scores", 1, t_fast),
-            ("(c) evaluate_directories", args.workers, t_disk)]
+    rows = [
+        ("(a) reference_frame_scores", 1, t_reference),
+        ("(b) frame_scores", 1, t_fast),
+        ("(c) evaluate_directories", args.workers, t_disk),
+    ]
     print(f"\n{'method':<28}{'procs':>6}{'seconds':>10}{'frames/s':>10}{'vs (a)':>9}{'vs (b)':>9}")
     for name, procs, seconds in rows:
-        print(f"{name:<28}{procs:>6}{seconds:>10.2f}{args.frames / seconds:>10.2f}"
-              f"{t_reference / seconds:>8.1f}x{t_fast / seconds:>8.1f}x")
-    print(f"\n(c) includes PNG decoding and the confusion matrix. Score {on_disk['score']:.4f} "
-          f"(mIoU {on_disk['mIoU']:.4f}, mNSD {on_disk['mNSD']:.4f})")
+        print(
+            f"{name:<28}{procs:>6}{seconds:>10.2f}{args.frames / seconds:>10.2f}"
+            f"{t_reference / seconds:>8.1f}x{t_fast / seconds:>8.1f}x"
+        )
+    print(
+        f"\n(c) includes PNG decoding and the confusion matrix. Score {on_disk['score']:.4f} "
+        f"(mIoU {on_disk['mIoU']:.4f}, mNSD {on_disk['mNSD']:.4f})"
+    )
     print(f"max |(b) - (a)| per class and frame: {difference:.2e}; max |(c) - summarize((b))|: {disk_difference:.2e}")
     if difference > 1e-6 or disk_difference > 1e-6:
         sys.exit("MISMATCH: the versions disagree by more than 1e-6")

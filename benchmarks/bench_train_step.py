@@ -41,9 +41,10 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from backbone_files import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dataset import NUM_CLASSES  # noqa: E402
 from losses import weighted_cross_entropy  # noqa: E402
-from model import BACKBONE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, SegmentationModel, count_parameters  # noqa: E402
+from model import BACKBONE_DTYPES, SegmentationModel, count_parameters  # noqa: E402
 
 # model.BACKBONES short name: (label, hidden, layers, heads, intermediate, gated SwiGLU MLP), as Meta's DINOv3 ViTs
 MODELS = {
@@ -73,18 +74,31 @@ class Variant(NamedTuple):
     dtype: str  # of the backbone weights: float32, or bfloat16 (frozen weights only)
 
     def label(self) -> str:
-        return f"{self.mode:6} {'bf16' if self.dtype == 'bfloat16' else 'fp32':4} {'on ' if self.checkpointing else 'off'}"
+        return (
+            f"{self.mode:6} {'bf16' if self.dtype == 'bfloat16' else 'fp32':4} {'on ' if self.checkpointing else 'off'}"
+        )
 
 
-VARIANTS = [Variant("frozen", False, "float32"), Variant("frozen", False, "bfloat16"),
-            Variant("lora", False, "float32"), Variant("lora", True, "float32"),
-            Variant("lora", False, "bfloat16"), Variant("lora", True, "bfloat16"),
-            Variant("full", False, "float32"), Variant("full", True, "float32")]
-QUICK_VARIANTS = [Variant("frozen", False, "float32"), Variant("lora", True, "float32"), Variant("full", True, "float32")]
+VARIANTS = [
+    Variant("frozen", False, "float32"),
+    Variant("frozen", False, "bfloat16"),
+    Variant("lora", False, "float32"),
+    Variant("lora", True, "float32"),
+    Variant("lora", False, "bfloat16"),
+    Variant("lora", True, "bfloat16"),
+    Variant("full", False, "float32"),
+    Variant("full", True, "float32"),
+]
+QUICK_VARIANTS = [
+    Variant("frozen", False, "float32"),
+    Variant("lora", True, "float32"),
+    Variant("full", True, "float32"),
+]
 
 
 class Probe(NamedTuple):
     """Saved bytes per image of a 1-layer model."""
+
     layer: int  # inside the layer, without checkpointing
     inputs: int  # of the layer's input hidden states: all that a checkpointed layer keeps
     other: int  # outside the layers: embeddings, RoPE, final norm, head, loss
@@ -106,10 +120,19 @@ def working_layer(variant: Variant) -> Variant:
 def make_backbone(name, dtype="float32", depth=None, attention="sdpa", device="cpu") -> DINOv3ViTModel:
     _, hidden, layers, heads, intermediate, gated = MODELS[name]
     config = DINOv3ViTConfig(
-        hidden_size=hidden, num_hidden_layers=depth or layers, num_attention_heads=heads,
-        intermediate_size=intermediate, use_gated_mlp=gated, hidden_act="silu" if gated else "gelu", patch_size=16,
-        num_register_tokens=4, layerscale_value=1e-5, key_bias=False,
-        pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,  # as model.py
+        hidden_size=hidden,
+        num_hidden_layers=depth or layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu",
+        patch_size=16,
+        num_register_tokens=4,
+        layerscale_value=1e-5,
+        key_bias=False,
+        pos_embed_shift=None,
+        pos_embed_jitter=None,
+        pos_embed_rescale=None,  # as model.py
     )
     config._attn_implementation = attention
     torch.manual_seed(0)
@@ -120,8 +143,14 @@ def make_backbone(name, dtype="float32", depth=None, attention="sdpa", device="c
 
 
 def segmentation_model(backbone, variant: Variant) -> SegmentationModel:
-    model = SegmentationModel(backbone, IMAGENET_MEAN, IMAGENET_STD, backbone_training=variant.mode,
-                              lora_rank=LORA_RANK, gradient_checkpointing=variant.checkpointing)
+    model = SegmentationModel(
+        backbone,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        backbone_training=variant.mode,
+        lora_rank=LORA_RANK,
+        gradient_checkpointing=variant.checkpointing,
+    )
     return model.to(next(backbone.parameters()).device).train()
 
 
@@ -198,8 +227,14 @@ class SavedBytes:
         self.inside_layer -= 1
 
     def __enter__(self):
-        self.handles = [h for layer in self.layers for h in (
-            layer.register_forward_pre_hook(self._pre, with_kwargs=True), layer.register_forward_hook(self._post))]
+        self.handles = [
+            h
+            for layer in self.layers
+            for h in (
+                layer.register_forward_pre_hook(self._pre, with_kwargs=True),
+                layer.register_forward_hook(self._post),
+            )
+        ]
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
         self.hooks.__enter__()
         return self
@@ -262,9 +297,17 @@ def bench(name, variant, batch_size, steps, device, attention="sdpa", precision=
         train_step(model, optimizer, params, batch, "half", precision)
         synchronize(device)
         times.append(time.perf_counter() - started)
-    result = {"model": name, "variant": variant, "attention": attention, "precision": precision, "batch": batch_size,
-              "seconds": statistics.median(times[1:] if steps else times), "saved": saved.total(),
-              "saved_layers": saved.total("layers"), "saved_other": saved.total("other")}
+    result = {
+        "model": name,
+        "variant": variant,
+        "attention": attention,
+        "precision": precision,
+        "batch": batch_size,
+        "seconds": statistics.median(times[1:] if steps else times),
+        "saved": saved.total(),
+        "saved_layers": saved.total("layers"),
+        "saved_other": saved.total("other"),
+    }
     if device.type == "cuda":
         result["peak"] = torch.cuda.max_memory_allocated(device)
         result["images_per_s"] = batch_size / result["seconds"]
@@ -321,13 +364,20 @@ def estimate(name, variant, resolution, batch_size, probes, weights_optim) -> di
     running = variant.checkpointing or variant.mode == "frozen"
     layer = batch_size * probes[name][working_layer(variant), resolution].layer if running else 0
     logits = batch_size * LOGITS_BYTES
-    return {"weights": weights_optim, "saved": saved, "layer": layer, "logits": logits,
-            "total": weights_optim + saved + layer + logits}
+    return {
+        "weights": weights_optim,
+        "saved": saved,
+        "layer": layer,
+        "logits": logits,
+        "total": weights_optim + saved + layer + logits,
+    }
 
 
 def measured_header(cuda):
-    header = f"{'model':10} {'mode':6} {'wts':4} {'ckpt':4} {'attn':5} {'prec':4} {'batch':>5} {'s/step':>7}" \
-             f" {'saved MB':>9} {'layers MB':>9} {'other MB':>8} {'probe MB':>8}"
+    header = (
+        f"{'model':10} {'mode':6} {'wts':4} {'ckpt':4} {'attn':5} {'prec':4} {'batch':>5} {'s/step':>7}"
+        f" {'saved MB':>9} {'layers MB':>9} {'other MB':>8} {'probe MB':>8}"
+    )
     header += f" {'GPU peak MB':>11} {'img/s':>7} {'extrap. MB':>10}" if cuda else ""
     return header + "\n" + "-" * len(header)
 
@@ -336,14 +386,18 @@ def measured_row(r, probes, summaries, cuda):
     """A measured step, beside its saved bytes (and on CUDA its GPU memory) extrapolated from the probes."""
     name, variant, batch = r["model"], r["variant"], r["batch"]
     probed = (r["attention"], r["precision"]) == ("sdpa", "bf16") and (probed_as(variant), "half") in probes[name]
-    line = f"{MODELS[name][0]:10} {variant.label()}  {r['attention']:5} {r['precision']:4} {batch:5d} " \
-           f"{r['seconds']:7.2f} {r['saved'] / MB:9.0f} {r['saved_layers'] / MB:9.0f} {r['saved_other'] / MB:8.0f} " \
-           + (f"{batch * saved_per_image(name, variant, 'half', probes) / MB:8.0f}" if probed else f"{'-':>8}")
+    line = (
+        f"{MODELS[name][0]:10} {variant.label()}  {r['attention']:5} {r['precision']:4} {batch:5d} "
+        f"{r['seconds']:7.2f} {r['saved'] / MB:9.0f} {r['saved_layers'] / MB:9.0f} {r['saved_other'] / MB:8.0f} "
+        + (f"{batch * saved_per_image(name, variant, 'half', probes) / MB:8.0f}" if probed else f"{'-':>8}")
+    )
     if cuda:
-        extrapolated = estimate(name, variant, "half", batch, probes, summaries[name, variant][2])["total"] \
-            if probed else None
-        line += f" {r['peak'] / MB:11.0f} {r['images_per_s']:7.2f} " + \
-                (f"{extrapolated / MB:10.0f}" if extrapolated else f"{'-':>10}")
+        extrapolated = (
+            estimate(name, variant, "half", batch, probes, summaries[name, variant][2])["total"] if probed else None
+        )
+        line += f" {r['peak'] / MB:11.0f} {r['images_per_s']:7.2f} " + (
+            f"{extrapolated / MB:10.0f}" if extrapolated else f"{'-':>10}"
+        )
     return line
 
 
@@ -370,16 +424,20 @@ def print_grid_summary(results, cuda):
     for (name, variant, attention, precision), r in by_key.items():
         on = by_key.get((name, variant._replace(checkpointing=True), attention, precision))
         if not variant.checkpointing and on:
-            line = f"{MODELS[name][0]} {variant.mode} {attention:5} {precision}: checkpointing cuts saved activations " \
-                   f"{r['saved'] / MB:.0f} -> {on['saved'] / MB:.0f} MB = {r['saved'] / on['saved']:.1f}x, " \
-                   f"step {on['seconds'] / r['seconds']:.2f}x the time"
+            line = (
+                f"{MODELS[name][0]} {variant.mode} {attention:5} {precision}: checkpointing cuts saved activations "
+                f"{r['saved'] / MB:.0f} -> {on['saved'] / MB:.0f} MB = {r['saved'] / on['saved']:.1f}x, "
+                f"step {on['seconds'] / r['seconds']:.2f}x the time"
+            )
             print(line + (f"; GPU peak {r['peak'] / MB:.0f} -> {on['peak'] / MB:.0f} MB" if cuda else ""))
     for (name, variant, attention, precision), sdpa in by_key.items():
         eager = by_key.get((name, variant, "eager", precision))
         if attention == "sdpa" and eager:
-            print(f"{MODELS[name][0]} {' '.join(variant.label().split())} {precision}: sdpa saves "
-                  f"{sdpa['saved'] / MB:.0f} MB vs eager {eager['saved'] / MB:.0f} MB "
-                  f"({eager['saved'] / sdpa['saved']:.2f}x), {sdpa['seconds']:.2f} vs {eager['seconds']:.2f} s/step")
+            print(
+                f"{MODELS[name][0]} {' '.join(variant.label().split())} {precision}: sdpa saves "
+                f"{sdpa['saved'] / MB:.0f} MB vs eager {eager['saved'] / MB:.0f} MB "
+                f"({eager['saved'] / sdpa['saved']:.2f}x), {sdpa['seconds']:.2f} vs {eager['seconds']:.2f} s/step"
+            )
 
 
 def extrapolation_row(name, variant, probes, summary, resolutions):
@@ -394,17 +452,25 @@ def extrapolation_row(name, variant, probes, summary, resolutions):
 
 
 def print_extrapolation(names, variants, probes, summaries, resolutions):
-    print("\nEXTRAPOLATED GPU memory of one training step (from CPU measurements of saved bytes; NOT measured on a GPU)")
+    print(
+        "\nEXTRAPOLATED GPU memory of one training step (from CPU measurements of saved bytes; NOT measured on a GPU)"
+    )
     print("-------------------------------------------------------------------------------------------------------")
-    print(f"GB = weights (frozen ones: 4 B/param in fp32, 2 in bf16) + trainable params x {TRAINABLE_BYTES} B (fp32 weight, grad")
+    print(
+        f"GB = weights (frozen ones: 4 B/param in fp32, 2 in bf16) + trainable params x {TRAINABLE_BYTES} B (fp32 weight, grad"
+    )
     print("  and 2 AdamW states; full: every backbone param) + saved activations/image x batch + one layer at work")
-    print("  x batch (checkpointing: the layer backward recomputes; frozen: the layer the no_grad forward runs, bounded")
+    print(
+        "  x batch (checkpointing: the layer backward recomputes; frozen: the layer the no_grad forward runs, bounded"
+    )
     print("  by what LoRA saves for it) + full-res logits x batch (10 x 1080 x 1920 x 4 B x 3: logits, softmax, grad).")
     print("MB/img = saved activations per image = other + depth x one layer, both from forwards of 1-layer models at")
     print("  that resolution (batch 1, CPU); checkpointing keeps only each layer's input hidden states.")
     print("Not included: CUDA context (~0.5 GB), cuBLAS/attention workspaces, allocator fragmentation.")
-    print(f"bf16 autocast, sdpa, pixel-MLP head (hidden 2560), LoRA rank {LORA_RANK} on q/k/v/o; wts: backbone weights; "
-          f"! = over {GPU_GB} GB.\n")
+    print(
+        f"bf16 autocast, sdpa, pixel-MLP head (hidden 2560), LoRA rank {LORA_RANK} on q/k/v/o; wts: backbone weights; "
+        f"! = over {GPU_GB} GB.\n"
+    )
     saved = " ".join(f"{'MB/img ' + r:>9}" for r in resolutions)
     batches = " ".join(f"{'GB ' + r + ' b' + str(EXTRAPOLATED_BATCH[r]):>10}" for r in resolutions)
     header = f"{'model':10} {'mode':6} {'wts':4} {'ckpt':4} {'trainable':>13} {'wts+opt':>8} {saved} {batches}"
@@ -421,24 +487,40 @@ def print_fits(names, variants, probes, summaries, resolution):
     for name in names:
         totals = {v: estimate(name, v, resolution, batch, probes, summaries[name, v][2])["total"] for v in variants}
         fitting = sorted((t, v) for v, t in totals.items() if t <= GPU_GB * GB)
-        print(f"  {MODELS[name][0]:10} " + (", ".join(f"{' '.join(v.label().split())} {t / GB:.1f}" for t, v in fitting)
-                                         or "none"))
+        print(
+            f"  {MODELS[name][0]:10} "
+            + (", ".join(f"{' '.join(v.label().split())} {t / GB:.1f}" for t, v in fitting) or "none")
+        )
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help=f"comma-separated shapes to extrapolate, of {','.join(MODELS)} (default: all; "
-                                         "vits16 with --quick)")
-    parser.add_argument("--measure", help="comma-separated shapes to run full-depth half-resolution steps of (default: "
-                                          "vits16 on CPU, vitb16,vitl16 on CUDA)")
+    parser.add_argument(
+        "--models",
+        help=f"comma-separated shapes to extrapolate, of {','.join(MODELS)} (default: all; vits16 with --quick)",
+    )
+    parser.add_argument(
+        "--measure",
+        help="comma-separated shapes to run full-depth half-resolution steps of (default: "
+        "vits16 on CPU, vitb16,vitl16 on CUDA)",
+    )
     parser.add_argument("--batch-size", type=int, help="images per measured step (default: 1 on CPU, 8 on CUDA)")
-    parser.add_argument("--steps", type=int, help="timed steps after one warm-up step (default: 0 on CPU, 3 on CUDA); "
-                                                  "0 times the warm-up step itself")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="timed steps after one warm-up step (default: 0 on CPU, 3 on CUDA); 0 times the warm-up step itself",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--attention-grid", action="store_true",
-                        help="also measure LoRA steps (fp32 weights) in eager/sdpa attention x fp32/bf16 precision")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: ViT-S, half resolution, frozen, LoRA and full (checkpointing on), fp32 weights")
+    parser.add_argument(
+        "--attention-grid",
+        action="store_true",
+        help="also measure LoRA steps (fp32 weights) in eager/sdpa attention x fp32/bf16 precision",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: ViT-S, half resolution, frozen, LoRA and full (checkpointing on), fp32 weights",
+    )
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.models = (args.models or ("vits16" if args.quick else ",".join(MODELS))).split(",")
@@ -458,25 +540,33 @@ def main():
     resolutions = ["half"] if args.quick else list(RESOLUTIONS)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     names = list(dict.fromkeys(args.models + args.measure))
-    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
-          f"torch {torch.__version__}; random weights; bf16 autocast, sdpa, pixel-MLP head, LoRA rank {LORA_RANK} q/k/v/o")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
+        f"torch {torch.__version__}; random weights; bf16 autocast, sdpa, pixel-MLP head, LoRA rank {LORA_RANK} q/k/v/o"
+    )
     wall = time.perf_counter()
     probes = {}
     for name in names:
         started = time.perf_counter()
         probes[name] = probe_model_apart(name, variants, resolutions)
-        print(f"probed {MODELS[name][0]}: {len(probes[name])} forwards of a 1-layer model ({'+'.join(resolutions)} "
-              f"resolution) in {time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"probed {MODELS[name][0]}: {len(probes[name])} forwards of a 1-layer model ({'+'.join(resolutions)} "
+            f"resolution) in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
     summaries = {(name, v): parameter_summary(name, v) for name in names for v in variants}
-    print(f"\nMEASURED full-depth steps at half resolution (input 960x544), "
-          + (f"median of {args.steps} after 1 warm-up" if args.steps else "the first step") +
-          "; probe MB: the same saved bytes extrapolated from the 1-layer probes"
-          + ("; extrap. MB: the GPU memory extrapolated" if cuda else ""))
+    print(
+        "\nMEASURED full-depth steps at half resolution (input 960x544), "
+        + (f"median of {args.steps} after 1 warm-up" if args.steps else "the first step")
+        + "; probe MB: the same saved bytes extrapolated from the 1-layer probes"
+        + ("; extrap. MB: the GPU memory extrapolated" if cuda else "")
+    )
     measure(args.measure, variants, args.batch_size, args.steps, device, probes, summaries)
     if args.attention_grid:
         lora = [v for v in variants if v.mode == "lora" and v.dtype == "float32"]
-        print_grid_summary(measure(args.measure, lora, args.batch_size, args.steps, device, probes, summaries, grid=True),
-                           cuda)
+        print_grid_summary(
+            measure(args.measure, lora, args.batch_size, args.steps, device, probes, summaries, grid=True), cuda
+        )
     print_extrapolation(args.models, variants, probes, summaries, resolutions)
     for resolution in resolutions:
         print_fits(args.models, variants, probes, summaries, resolution)

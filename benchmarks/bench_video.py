@@ -9,6 +9,7 @@ and each stage alone (decode, resize for the model, overlay drawing, encoding) t
 
     python benchmarks/bench_video.py [--seconds 30] [--model-seconds 5] [--backbone DIR] [--batch-size 8]
 """
+
 import argparse
 import queue
 import sys
@@ -26,10 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-import dataset as D  # noqa: E402
-import plots as P  # noqa: E402
-import run_inference as R  # noqa: E402
-import video as V  # noqa: E402
+import cli  # noqa: E402
+import dataset  # noqa: E402
+import inference  # noqa: E402
+import plots  # noqa: E402
+import video  # noqa: E402
 from make_tiny_backbone import save_tiny_backbone  # noqa: E402
 from model import build_model  # noqa: E402
 
@@ -41,13 +43,20 @@ def make_video(path: Path, seconds: int) -> None:
     rng = np.random.default_rng(0)
     texture = cv2.GaussianBlur(rng.integers(0, 255, (SIZE[0] + 200, SIZE[1] + 200, 3), dtype=np.uint8), (0, 0), 6)
     texture = cv2.normalize(texture, None, 40, 220, cv2.NORM_MINMAX)
-    writer = imageio_ffmpeg.write_frames(str(path), SIZE[::-1], fps=FPS, codec="libx264", quality=None,
-                                         macro_block_size=2, ffmpeg_log_level="error",
-                                         output_params=["-preset", "veryfast", "-crf", "23"])
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        SIZE[::-1],
+        fps=FPS,
+        codec="libx264",
+        quality=None,
+        macro_block_size=2,
+        ffmpeg_log_level="error",
+        output_params=["-preset", "veryfast", "-crf", "23"],
+    )
     writer.send(None)
     for i in range(seconds * FPS):
         dy, dx = int(100 + 80 * np.sin(i / 90)), int(100 + 80 * np.cos(i / 70))
-        frame = texture[dy:dy + SIZE[0], dx:dx + SIZE[1]].copy()
+        frame = texture[dy : dy + SIZE[0], dx : dx + SIZE[1]].copy()
         x = 200 + (i * 7) % 1400
         cv2.rectangle(frame, (x, 300), (x + 300, 420), (200, 200, 210), -1)
         writer.send(frame)
@@ -69,10 +78,22 @@ def decode_only(path: Path, frames: int) -> None:
 
 
 def full_path(path: Path, frames: int, out: Path, predict_batch, sizes, batch_size: int) -> int:
-    info = V.probe_video(path)
+    info = video.probe_video(path)
     progress = SimpleNamespace(update=lambda n: None)
-    return V.segment_video(path, info, 0, frames, 1, lambda frame: [D.scale_image(frame, s) for s in sizes],
-                           predict_batch, batch_size, P.video_frame, out, lambda i, labels: None, progress)
+    return video.segment_video(
+        path,
+        info,
+        0,
+        frames,
+        every=1,
+        prepare=lambda frame: [dataset.scale_image(frame, s) for s in sizes],
+        predict_batch=predict_batch,
+        batch_size=batch_size,
+        draw=plots.video_frame,
+        overlay_path=out,
+        save_mask=lambda i, labels: None,
+        progress=progress,
+    )
 
 
 def stage_rates(path: Path, frames: int, sizes, out: Path) -> dict:
@@ -84,15 +105,19 @@ def stage_rates(path: Path, frames: int, sizes, out: Path) -> dict:
         sample.append(cv2.cvtColor(capture.retrieve()[1], cv2.COLOR_BGR2RGB))
     capture.release()
     labels = fake_labels()
-    drawn = [P.video_frame((frame, labels)) for frame in sample]
+    drawn = [plots.video_frame((frame, labels)) for frame in sample]
     rates = {"decode (grab + retrieve + BGR->RGB)": frames / timed(lambda: decode_only(path, frames))}
-    rates["resize for the model"] = len(sample) / timed(lambda: each(sample, lambda f: [D.scale_image(f, s) for s in sizes]))
-    rates["overlay drawing"] = len(sample) / timed(lambda: each(sample, lambda f: P.video_frame((f, labels))))
+    rates["resize for the model"] = len(sample) / timed(
+        lambda: each(sample, lambda f: [dataset.scale_image(f, s) for s in sizes])
+    )
+    rates["overlay drawing"] = len(sample) / timed(lambda: each(sample, lambda f: plots.video_frame((f, labels))))
     jobs, halt = queue.Queue(), threading.Event()
     for frame in drawn:
         jobs.put((frame, None))
-    jobs.put(V.END)
-    rates["H.264 encoding"] = len(drawn) / timed(lambda: V.encode_frames(out, SIZE, FPS, lambda job: job[0], jobs, halt))
+    jobs.put(video.END)
+    rates["H.264 encoding"] = len(drawn) / timed(
+        lambda: video.encode_frames(out, SIZE, FPS, lambda job: job[0], jobs, halt)
+    )
     return rates
 
 
@@ -114,18 +139,21 @@ def model_predictor(backbone: str | None, device: torch.device):
         save_tiny_backbone(backbone)
     model = build_model(backbone, head={"type": "mlp"}).eval().to(device)
     members = [(model, {"resolution": {"scale": 0.5}})]
-    sizes, passes = R.inference_passes(members, SIZE, "none", [1.0])
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    sizes, passes = inference.inference_passes(members, SIZE, "none", [1.0])
+    autocast = cli.autocast_for(cli.precision_for(None, device), device)
     args = SimpleNamespace(temporal_smoothing=0.0, min_component_size=0)
-    return R.frame_predictor(args, passes, SIZE, autocast, device), sizes
+    return video.frame_predictor(args, passes, SIZE, autocast, device), sizes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=30, help="length of the generated video (default: %(default)s)")
-    parser.add_argument("--model-seconds", type=int, default=5,
-                        help="seconds of video (c) runs the model on (the CPU is slow) (default: %(default)s)")
+    parser.add_argument(
+        "--model-seconds",
+        type=int,
+        default=5,
+        help="seconds of video (c) runs the model on (the CPU is slow) (default: %(default)s)",
+    )
     parser.add_argument("--backbone", help="backbone for (c) (default: a tiny random DINOv3)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -140,11 +168,19 @@ def main() -> None:
     a = frames / timed(lambda: decode_only(source, frames))
     b = frames / timed(lambda: full_path(source, frames, work / "b.mp4", no_op, sizes, args.batch_size))
     model_frames = min(frames, args.model_seconds * FPS)
-    c = model_frames / timed(lambda: full_path(source, model_frames, work / "c.mp4", predict_batch, sizes, args.batch_size))
+    c = model_frames / timed(
+        lambda: full_path(source, model_frames, work / "c.mp4", predict_batch, sizes, args.batch_size)
+    )
     print(f"\n{'':<62}{'frames/s':>9}{'x real time':>12}")
-    for name, rate in (("(a) sequential decoding", a), ("(b) video path, no-op model", b),
-                       (f"(c) video path, {'tiny random DINOv3' if args.backbone is None else args.backbone} "
-                        f"({device.type}, {model_frames} frames)", c)):
+    for name, rate in (
+        ("(a) sequential decoding", a),
+        ("(b) video path, no-op model", b),
+        (
+            f"(c) video path, {'tiny random DINOv3' if args.backbone is None else args.backbone} "
+            f"({device.type}, {model_frames} frames)",
+            c,
+        ),
+    ):
         print(f"{name:<62}{rate:>9.1f}{rate / FPS:>12.2f}")
     print(f"(a)/(b): the pipeline's overhead over decoding alone {a / b:.2f}x (target <= 2x)")
     rates = stage_rates(source, min(frames, 600), sizes, work / "stage.mp4")
@@ -152,8 +188,10 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"  {name:<40}{rate:>8.1f}")
     slowest = min(rates, key=rates.get)
-    print(f"bottleneck of (b): {slowest} ({rates[slowest]:.1f} frames/s); stages run on their own threads, "
-          f"so (b) runs at about the slowest stage's rate")
+    print(
+        f"bottleneck of (b): {slowest} ({rates[slowest]:.1f} frames/s); stages run on their own threads, "
+        f"so (b) runs at about the slowest stage's rate"
+    )
 
 
 if __name__ == "__main__":

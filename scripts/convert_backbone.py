@@ -8,6 +8,7 @@ transformers.AutoModel.from_pretrained(DIR). The architecture is read off the te
 placed or known to be unused by transformers' DINOv3 (mask token, bias mask, local-CLS norm, standard RoPE periods),
 else the conversion stops naming the key. The normalisation written is ImageNet's (DINOv3's) unless given.
 """
+
 import argparse
 import json
 import os
@@ -16,19 +17,40 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backbone_files import WEIGHT_FILE_SUFFIXES, WeightFileError, architecture, is_weight_file, load_weight_file  # noqa: E402
-from dataset import partial_path  # noqa: E402
-from model import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSOR_CONFIG, OneLineErrorParser  # noqa: E402
+from backbone_files import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PREPROCESSOR_CONFIG,
+    WEIGHT_FILE_SUFFIXES,
+    WeightFileError,
+    architecture,
+    is_weight_file,
+    load_weight_file,
+)
+from cli import OneLineErrorParser  # noqa: E402
+from files import partial_path  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help=f"the weight file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
     parser.add_argument("output", help="directory to write (must not exist, or be empty)")
-    parser.add_argument("--image-mean", type=float, nargs=3, default=IMAGENET_MEAN, metavar=("R", "G", "B"),
-                        help="normalisation mean on a 0..1 scale (default: ImageNet's, %(default)s)")
-    parser.add_argument("--image-std", type=float, nargs=3, default=IMAGENET_STD, metavar=("R", "G", "B"),
-                        help="normalisation std (default: ImageNet's, %(default)s)")
+    parser.add_argument(
+        "--image-mean",
+        type=float,
+        nargs=3,
+        default=IMAGENET_MEAN,
+        metavar=("R", "G", "B"),
+        help="normalisation mean on a 0..1 scale (default: ImageNet's, %(default)s)",
+    )
+    parser.add_argument(
+        "--image-std",
+        type=float,
+        nargs=3,
+        default=IMAGENET_STD,
+        metavar=("R", "G", "B"),
+        help="normalisation std (default: ImageNet's, %(default)s)",
+    )
     args = parser.parse_args(argv)
     if not is_weight_file(args.file):
         parser.error(f"{args.file} is not a {'/'.join(WEIGHT_FILE_SUFFIXES)} file")
@@ -49,8 +71,16 @@ def convert(file, output: Path, mean, std) -> dict:
     try:
         model.save_pretrained(temporary)
         with open(temporary / PREPROCESSOR_CONFIG, "w") as f:
-            json.dump({"image_processor_type": "DINOv3ViTImageProcessorFast", "image_mean": list(mean),
-                       "image_std": list(std), "source_file": os.path.abspath(file)}, f, indent=2)
+            json.dump(
+                {
+                    "image_processor_type": "DINOv3ViTImageProcessorFast",
+                    "image_mean": list(mean),
+                    "image_std": list(std),
+                    "source_file": os.path.abspath(file),
+                },
+                f,
+                indent=2,
+            )
         if output.exists():
             output.rmdir()  # empty, as parse_args checked
         os.replace(temporary, output)
@@ -65,8 +95,10 @@ def main(argv=None) -> None:
         found = convert(args.file, Path(args.output), args.image_mean, args.image_std)
     except (WeightFileError, OSError) as error:
         sys.exit(f"convert_backbone.py: error: {error}")
-    print(f"converted {args.file} ({found['weights_format']} naming) to {args.output}: "
-          + ", ".join(f"{k} {v}" for k, v in found.items() if k != "weights_format"))
+    print(
+        f"converted {args.file} ({found['weights_format']} naming) to {args.output}: "
+        + ", ".join(f"{k} {v}" for k, v in found.items() if k != "weights_format")
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ per_frame.csv, charts, report.html) there, plus folds.csv and cross_validation.j
 (--tta, --tta-scales, --min-component-size, --batch-size, ...). It uses each fold's last weights by default: best/
 was chosen on the very videos scored here, which flatters the score.
 """
+
 import argparse
 import csv
 import io
@@ -26,13 +27,27 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import dataset as D  # noqa: E402
+import cli  # noqa: E402
+import dataset  # noqa: E402
+import files  # noqa: E402
+import hub  # noqa: E402
+import inference  # noqa: E402
+import report  # noqa: E402
+import run_directory  # noqa: E402
 import run_inference  # noqa: E402
 import run_training  # noqa: E402
-from model import OneLineErrorParser  # noqa: E402
+from cli import OneLineErrorParser  # noqa: E402
+from model import ModelDirectoryError  # noqa: E402
 
 MANAGED_BY_TRAIN = ("--folds", "--fold", "--output-directory", "--resume", "--val-videos", "--val-fraction")
-MANAGED_BY_SCORE = ("--model-directory", "--split", "--output", "--eval-only", "--predictions-directory", "--all-frames")
+MANAGED_BY_SCORE = (
+    "--model-directory",
+    "--split",
+    "--output",
+    "--eval-only",
+    "--predictions-directory",
+    "--all-frames",
+)
 RESULT_FILE = "cross_validation.json"
 
 
@@ -41,17 +56,30 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     train = commands.add_parser("train", help="train every fold (resumable)")
     train.add_argument("--folds", type=int, required=True, metavar="K", help="number of folds (at least 2)")
-    train.add_argument("--output-directory", default="cross-validation", help="folds go to OUT/fold_i (default: %(default)s)")
+    train.add_argument(
+        "--output-directory", default="cross-validation", help="folds go to OUT/fold_i (default: %(default)s)"
+    )
     score = commands.add_parser("score", help="score every fold out of fold")
     score.add_argument("fold_directories", nargs="+", metavar="FOLD", help="the fold folders, e.g. cv/fold_*")
-    score.add_argument("--data-directory", default="sarrarp", help="the release the folds were trained on (default: %(default)s)")
-    score.add_argument("--output", metavar="DIR", help="where the out-of-fold predictions go (default: beside the folds, out_of_fold/)")
-    score.add_argument("--checkpoint", choices=["best", "last"], default="last",
-                       help="which weights of each fold; best was chosen on the videos scored here (default: %(default)s)")
+    score.add_argument(
+        "--data-directory", default="sarrarp", help="the release the folds were trained on (default: %(default)s)"
+    )
+    score.add_argument(
+        "--output", metavar="DIR", help="where the out-of-fold predictions go (default: beside the folds, out_of_fold/)"
+    )
+    score.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="last",
+        help="which weights of each fold; best was chosen on the videos scored here (default: %(default)s)",
+    )
     args, passed_on = parser.parse_known_args(argv)
     passed_on = [token for token in passed_on if token != "--"]
-    managed = [token.split("=")[0] for token in passed_on
-               if token.split("=")[0] in (MANAGED_BY_TRAIN if args.command == "train" else MANAGED_BY_SCORE)]
+    managed = [
+        token.split("=")[0]
+        for token in passed_on
+        if token.split("=")[0] in (MANAGED_BY_TRAIN if args.command == "train" else MANAGED_BY_SCORE)
+    ]
     if managed:
         parser.error(f"{', '.join(managed)}: set by cross_validate.py {args.command} itself")
     if args.command == "train" and args.folds < 2:
@@ -61,12 +89,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 # ----------------------------------------------------------------------------- train
 
+
 def fold_state(directory: Path) -> str:
     """new (nothing to resume), interrupted or finished, from the fold's verified checkpoint."""
     checkpoint = directory / "checkpoint.pt"
     if not checkpoint.exists():
         return "new"
-    return "finished" if run_training.load_checkpoint(checkpoint)["finished"] else "interrupted"
+    return "finished" if run_directory.load_checkpoint(checkpoint)["finished"] else "interrupted"
 
 
 def train_folds(args, training_arguments: list[str]) -> int:
@@ -76,22 +105,39 @@ def train_folds(args, training_arguments: list[str]) -> int:
         directory = output / f"fold_{fold}"
         state = fold_state(directory)
         if rank_0:
-            print(f"fold {fold} of {args.folds}: " + {"new": "training", "interrupted": "resuming",
-                                                       "finished": "finished, skipped"}[state] + f" ({directory})")
+            print(
+                f"fold {fold} of {args.folds}: "
+                + {"new": "training", "interrupted": "resuming", "finished": "finished, skipped"}[state]
+                + f" ({directory})"
+            )
         if state == "finished":
             continue
-        argv = [*training_arguments, "--folds", str(args.folds), "--fold", str(fold), "--output-directory", str(directory)]
+        argv = [
+            *training_arguments,
+            "--folds",
+            str(args.folds),
+            "--fold",
+            str(fold),
+            "--output-directory",
+            str(directory),
+        ]
         if run_training.main(argv + (["--resume"] if state == "interrupted" else [])) != 0:
-            print(f"error: fold {fold} stopped (see above); run the same command again to carry on: finished folds "
-                  "are skipped", file=sys.stderr)
+            print(
+                f"error: fold {fold} stopped (see above); run the same command again to carry on: finished folds "
+                "are skipped",
+                file=sys.stderr,
+            )
             return 1
     if rank_0:
-        print(f"all {args.folds} folds trained; score them: python scripts/cross_validate.py score {output}/fold_* "
-              "--data-directory DATA")
+        print(
+            f"all {args.folds} folds trained; score them: python scripts/cross_validate.py score {output}/fold_* "
+            "--data-directory DATA"
+        )
     return 0
 
 
 # ----------------------------------------------------------------------------- score
+
 
 def read_folds(directories: list[Path]) -> list[tuple[Path, dict]]:
     """(fold folder, its split.json) in fold order, after checking that they are every fold of one division."""
@@ -100,22 +146,30 @@ def read_folds(directories: list[Path]) -> list[tuple[Path, dict]]:
         try:
             split = json.loads((directory / "split.json").read_text())
         except (OSError, ValueError):
-            raise D.DataError(f"{directory} has no readable split.json: pass the fold folders written by "
-                              "cross_validate.py train (OUT/fold_*)") from None
+            raise dataset.DataError(
+                f"{directory} has no readable split.json: pass the fold folders written by "
+                "cross_validate.py train (OUT/fold_*)"
+            ) from None
         if not isinstance(split, dict) or not {"folds", "fold", "fold_groups", "val"} <= split.keys():
-            raise D.DataError(f"{directory} was not trained with --folds (its split.json names no fold)")
+            raise dataset.DataError(f"{directory} was not trained with --folds (its split.json names no fold)")
         folds.append((directory, split))
     divisions = {json.dumps([split["folds"], split["fold_groups"]]) for _, split in folds}
     if len(divisions) > 1:
-        raise D.DataError("the folds come from different divisions of the operations (other --folds or --seed): "
-                          "give the folds of one cross_validate.py train run")
+        raise dataset.DataError(
+            "the folds come from different divisions of the operations (other --folds or --seed): "
+            "give the folds of one cross_validate.py train run"
+        )
     count, given = folds[0][1]["folds"], [split["fold"] for _, split in folds]
     repeated = sorted({fold for fold in given if given.count(fold) > 1})
     missing = sorted(set(range(count)) - set(given))
     if repeated or missing:
-        raise D.DataError(f"need each of the {count} folds once: " + "; ".join(
-            ([f"fold {', '.join(map(str, repeated))} given twice"] if repeated else []) +
-            ([f"fold {', '.join(map(str, missing))} missing"] if missing else [])))
+        raise dataset.DataError(
+            f"need each of the {count} folds once: "
+            + "; ".join(
+                ([f"fold {', '.join(map(str, repeated))} given twice"] if repeated else [])
+                + ([f"fold {', '.join(map(str, missing))} missing"] if missing else [])
+            )
+        )
     return sorted(folds, key=lambda fold: fold[1]["fold"])
 
 
@@ -124,16 +178,29 @@ def fold_scores(metrics: dict, videos: list[str]) -> dict:
     taken over classes first or videos first."""
     miou = float(np.mean([metrics["videos"][video]["mIoU"] for video in videos]))
     mnsd = float(np.mean([metrics["videos"][video]["mNSD"] for video in videos]))
-    return {"mIoU": miou, "mNSD": mnsd, "score": float(np.sqrt(miou * mnsd)),
-            "frames": sum(metrics["videos"][video]["frames"] for video in videos)}
+    return {
+        "mIoU": miou,
+        "mNSD": mnsd,
+        "score": float(np.sqrt(miou * mnsd)),
+        "frames": sum(metrics["videos"][video]["frames"] for video in videos),
+    }
 
 
 def summarize_folds(folds, metrics: dict, checkpoint: str) -> dict:
-    per_fold = [{"fold": split["fold"], "model_directory": str(directory), "videos": split["val"],
-                 **fold_scores(metrics, split["val"])} for directory, split in folds]
+    per_fold = [
+        {
+            "fold": split["fold"],
+            "model_directory": str(directory),
+            "videos": split["val"],
+            **fold_scores(metrics, split["val"]),
+        }
+        for directory, split in folds
+    ]
     keys = ("mIoU", "mNSD", "score")
     return {
-        "folds": len(folds), "checkpoint": checkpoint, "per_fold": per_fold,
+        "folds": len(folds),
+        "checkpoint": checkpoint,
+        "per_fold": per_fold,
         "mean": {key: float(np.mean([fold[key] for fold in per_fold])) for key in keys},
         "std": {key: float(np.std([fold[key] for fold in per_fold], ddof=1)) for key in keys},
         "std_note": "sample standard deviation over the folds (ddof=1)",
@@ -145,39 +212,64 @@ def write_fold_table(result: dict, directory: Path) -> None:
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["fold", "videos", "frames", "mIoU", "mNSD", "score"])
-    writer.writerows([fold["fold"], " ".join(fold["videos"]), fold["frames"],
-                      *(f"{fold[key]:.6f}" for key in ("mIoU", "mNSD", "score"))] for fold in result["per_fold"])
-    D.write_bytes_atomically(directory / "folds.csv", table.getvalue().encode())
-    D.write_json_atomically(directory / RESULT_FILE, result)
+    writer.writerows(
+        [
+            fold["fold"],
+            " ".join(fold["videos"]),
+            fold["frames"],
+            *(f"{fold[key]:.6f}" for key in ("mIoU", "mNSD", "score")),
+        ]
+        for fold in result["per_fold"]
+    )
+    files.write_bytes_atomically(directory / "folds.csv", table.getvalue().encode())
+    files.write_json_atomically(directory / RESULT_FILE, result)
 
 
 def print_folds(result: dict, directory: Path) -> None:
-    print(f"\ncross-validation, {result['folds']} folds, each scored on its own validation videos ({result['checkpoint']} weights)")
+    print(
+        f"\ncross-validation, {result['folds']} folds, each scored on its own validation videos ({result['checkpoint']} weights)"
+    )
     print(f"{'fold':<6}{'videos':>7}{'frames':>8}{'mIoU':>8}{'mNSD':>8}{'score':>8}")
     for fold in result["per_fold"]:
-        print(f"{fold['fold']:<6}{len(fold['videos']):>7}{fold['frames']:>8}{fold['mIoU']:>8.4f}{fold['mNSD']:>8.4f}{fold['score']:>8.4f}")
+        print(
+            f"{fold['fold']:<6}{len(fold['videos']):>7}{fold['frames']:>8}{fold['mIoU']:>8.4f}{fold['mNSD']:>8.4f}{fold['score']:>8.4f}"
+        )
     mean, std, pooled = result["mean"], result["std"], result["out_of_fold"]
-    print(f"mean ± std over folds: score {mean['score']:.4f} ± {std['score']:.4f}  (mIoU {mean['mIoU']:.4f} ± "
-          f"{std['mIoU']:.4f}, mNSD {mean['mNSD']:.4f} ± {std['mNSD']:.4f})")
-    print(f"out of fold over all {pooled['frames']} frames: score {pooled['score']:.4f} (mIoU {pooled['mIoU']:.4f}, "
-          f"mNSD {pooled['mNSD']:.4f})")
+    print(
+        f"mean ± std over folds: score {mean['score']:.4f} ± {std['score']:.4f}  (mIoU {mean['mIoU']:.4f} ± "
+        f"{std['mIoU']:.4f}, mNSD {mean['mNSD']:.4f} ± {std['mNSD']:.4f})"
+    )
+    print(
+        f"out of fold over all {pooled['frames']} frames: score {pooled['score']:.4f} (mIoU {pooled['mIoU']:.4f}, "
+        f"mNSD {pooled['mNSD']:.4f})"
+    )
     print(f"cross-validation: {directory / RESULT_FILE}, {directory / 'folds.csv'}")
 
 
 def score_folds(args, inference_arguments: list[str]) -> int:
     folds = read_folds([Path(directory) for directory in args.fold_directories])
     output = Path(args.output) if args.output else folds[0][0].parent / "out_of_fold"
-    common = ["--data-directory", args.data_directory, "--split", "val", "--checkpoint", args.checkpoint,
-              "--output", str(output), *inference_arguments]
+    common = [
+        "--data-directory",
+        args.data_directory,
+        "--split",
+        "val",
+        "--checkpoint",
+        args.checkpoint,
+        "--output",
+        str(output),
+        *inference_arguments,
+    ]
     video_dirs = []
     for directory, split in folds:
         print(f"fold {split['fold']}: predicting its {len(split['val'])} validation videos with {directory}")
         fold_args = run_inference.parse_args(["--model-directory", str(directory), *common])
         ground_truth, fold_video_dirs = run_inference.split_video_dirs(Path(args.data_directory), [directory], "val")
-        run_inference.predict_videos(fold_args, fold_video_dirs, output)
+        inference.predict_videos(fold_args, fold_video_dirs, output)
         video_dirs += fold_video_dirs
-    metrics = run_inference.score_predictions(fold_args, ground_truth, [v.name for v in video_dirs], output,
-                                              predicted_here=True, one_run=False)
+    metrics = report.score_predictions(
+        fold_args, ground_truth, [v.name for v in video_dirs], output, predicted_here=True, one_run=False
+    )
     result = summarize_folds(folds, metrics, args.checkpoint)
     write_fold_table(result, output)
     print_folds(result, output)
@@ -186,12 +278,12 @@ def score_folds(args, inference_arguments: list[str]) -> int:
 
 def main(argv=None) -> int:
     args, passed_on = parse_args(argv)
-    try:
-        return train_folds(args, passed_on) if args.command == "train" else score_folds(args, passed_on)
-    except (D.DataError, run_training.CheckpointError, run_inference.ModelDirectoryError, run_inference.BackboneError,
-            ValueError, OSError) as error:
-        print(f"error: {run_inference.redact_tokens(run_training.one_line(error))}", file=sys.stderr)
-        return 1
+    work = train_folds if args.command == "train" else score_folds
+    return cli.exit_code(
+        lambda _: work(args, passed_on),
+        args,
+        (dataset.DataError, run_directory.CheckpointError, ModelDirectoryError, hub.BackboneError, ValueError, OSError),
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ a temporary name and are renamed, so a killed run never leaves a truncated frame
 finished. frames/.extracted.json records which video file the frames came from: a re-run skips a
 video whose frames are all there, and rewrites them all when the video file has changed.
 """
+
 import argparse
 import contextlib
 import hashlib
@@ -23,8 +24,8 @@ import cv2
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dataset import (MASK_NAME, find_folders, frame_index, remove_partial_files,  # noqa: E402
-                     video_masks, write_image_atomically, write_json_atomically)
+from discovery import MASK_NAME, frame_index, video_masks  # noqa: E402
+from files import find_folders, remove_partial_files, write_image_atomically, write_json_atomically  # noqa: E402
 
 RATES = {"labelled": None, "1": 60, "10": 6, "all": 1}
 RECORD = ".extracted.json"  # in the output folder: the video file its frames were decoded from
@@ -84,7 +85,9 @@ def decode_into(capture, video_path: Path, missing: set[int], output_dir: Path, 
         if index in missing:
             ok, frame = capture.retrieve()
             if not ok:
-                raise ExtractionError(f"{video_path}: cannot decode frame {index}: the file is damaged; download it again")
+                raise ExtractionError(
+                    f"{video_path}: cannot decode frame {index}: the file is damaged; download it again"
+                )
             path = output_dir / f"{index:09d}.png"
             write_image_atomically(path, frame)
             written.append(path)
@@ -129,8 +132,10 @@ def extract_video(video_path: Path, rate: str, output_name: str = "frames") -> t
         raise ExtractionError(f"{video_path}: {damage}; download it again (none of its frames were kept)")
     problems = [] if frame_count > 0 else ["its container states no frame count, so dropped frames cannot be detected"]
     if messages:
-        problems.append(f"the decoder reported {len(messages)} problem(s), e.g. {messages[0].strip()!r}: check the "
-                        "frames, or download the video again")
+        problems.append(
+            f"the decoder reported {len(messages)} problem(s), e.g. {messages[0].strip()!r}: check the "
+            "frames, or download the video again"
+        )
     write_json_atomically(output_dir / RECORD, {"video": identity, "frame_count": decoded})
     return len(missing), len(wanted) - len(missing), [f"{video_path}: {problem}" for problem in problems]
 
@@ -138,23 +143,38 @@ def extract_video(video_path: Path, rate: str, output_name: str = "frames") -> t
 def main() -> int:
     parser = argparse.ArgumentParser(
         description="Extract frame-accurate PNG frames from every video_left.avi under DATA_DIR "
-        "into video_XX/frames/{i:09d}.png (frame i of the video).")
-    parser.add_argument("data_dir", nargs="?", default="sarrarp",
-                        help="folder searched recursively (symbolic links followed) for video_left.avi (default: sarrarp)")
-    parser.add_argument("--rate", choices=list(RATES), default="labelled",
-                        help="labelled: only frames that have a mask in segmentation/ (default); "
-                        "1 / 10: one / ten frames per second; all: every frame")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count(),
-                        help="videos decoded in parallel (default: number of CPU cores)")
-    parser.add_argument("--output-name", default="frames",
-                        help="folder name beside video_left.avi (default: frames; the official toolkit uses rgb)")
+        "into video_XX/frames/{i:09d}.png (frame i of the video)."
+    )
+    parser.add_argument(
+        "data_dir",
+        nargs="?",
+        default="sarrarp",
+        help="folder searched recursively (symbolic links followed) for video_left.avi (default: sarrarp)",
+    )
+    parser.add_argument(
+        "--rate",
+        choices=list(RATES),
+        default="labelled",
+        help="labelled: only frames that have a mask in segmentation/ (default); "
+        "1 / 10: one / ten frames per second; all: every frame",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count(), help="videos decoded in parallel (default: number of CPU cores)"
+    )
+    parser.add_argument(
+        "--output-name",
+        default="frames",
+        help="folder name beside video_left.avi (default: frames; the official toolkit uses rgb)",
+    )
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
         parser.error(f"{data_dir} is not a folder: unpack the dataset first (scripts/unpack_sarrarp.sh)")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    videos = [folder / "video_left.avi" for folder in find_folders(data_dir, lambda f: (f / "video_left.avi").is_file())]
+    videos = [
+        folder / "video_left.avi" for folder in find_folders(data_dir, lambda f: (f / "video_left.avi").is_file())
+    ]
     if not videos:
         parser.error(f"no video_left.avi found under {data_dir}")
 
@@ -171,8 +191,9 @@ def main() -> int:
             except Exception as error:  # one bad video must not stop the others
                 failures.append(str(error))
                 progress.write(f"error: {error}", file=sys.stderr)
-    print(f"{len(videos) - len(failures)}/{len(videos)} videos done: {written} frames written, "
-          f"{present} already present")
+    print(
+        f"{len(videos) - len(failures)}/{len(videos)} videos done: {written} frames written, {present} already present"
+    )
     if failures:
         print(f"{len(failures)} video(s) failed:", *failures, sep="\n  ", file=sys.stderr)
         return 1

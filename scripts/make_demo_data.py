@@ -18,6 +18,7 @@ rendered together with its mask from the same scene state: each part is first dr
 shape, and only the shape's pixels change in both the image and the mask, so they agree
 exactly. Output is deterministic for a seed (mask bytes; decoded video frames).
 """
+
 import argparse
 import math
 import os
@@ -46,15 +47,15 @@ EXTRA_CLASSES = (THREAD, NEEDLE, SUCTION, CATHETER, NEEDLE_HOLDER, CLAMPS)  # be
 
 # Looks (BGR): (edge, base, highlight). Hues kept apart so a tiny model learns them quickly.
 LOOKS = {
-    SHAFT: ((22, 22, 26), (52, 52, 58), (105, 105, 112)),            # dark grey
-    WRIST: ((95, 105, 80), (140, 152, 118), (200, 210, 185)),         # grey with a green tint
-    CLASPER: ((150, 150, 158), (205, 205, 212), (252, 252, 252)),     # bright silver
-    NEEDLE: ((190, 190, 196), (228, 228, 232), (255, 255, 255)),      # silver-white, thin
-    THREAD: ((130, 120, 20), (165, 150, 35), (200, 190, 90)),         # blue-green suture
-    SUCTION: ((95, 120, 135), (140, 176, 192), (205, 228, 240)),      # warm brushed metal
+    SHAFT: ((22, 22, 26), (52, 52, 58), (105, 105, 112)),  # dark grey
+    WRIST: ((95, 105, 80), (140, 152, 118), (200, 210, 185)),  # grey with a green tint
+    CLASPER: ((150, 150, 158), (205, 205, 212), (252, 252, 252)),  # bright silver
+    NEEDLE: ((190, 190, 196), (228, 228, 232), (255, 255, 255)),  # silver-white, thin
+    THREAD: ((130, 120, 20), (165, 150, 35), (200, 190, 90)),  # blue-green suture
+    SUCTION: ((95, 120, 135), (140, 176, 192), (205, 228, 240)),  # warm brushed metal
     NEEDLE_HOLDER: ((120, 85, 55), (172, 128, 92), (225, 195, 165)),  # steel blue
-    CLAMPS: ((70, 15, 70), (125, 45, 115), (185, 120, 180)),          # purple polymer clip
-    CATHETER: ((120, 175, 195), (165, 218, 238), (235, 250, 255)),    # yellowish-white tube
+    CLAMPS: ((70, 15, 70), (125, 45, 115), (185, 120, 180)),  # purple polymer clip
+    CATHETER: ((120, 175, 195), (165, 218, 238), (235, 250, 255)),  # yellowish-white tube
 }
 
 
@@ -63,6 +64,7 @@ class DemoDataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- geometry helpers
+
 
 def unit(v):
     v = np.asarray(v, float)
@@ -104,11 +106,13 @@ def arc(centre, radius, start, stop, count=24):
 
 # ----------------------------------------------------------------------------- parts and painting
 
+
 @dataclass
 class Part:
     """One class-labelled piece. shape: ops drawn as the part's pixels; look: (op, colour) pairs
     painted onto a copy of the frame and kept only inside the shape.
     An op is ("poly", points) or ("line", points, thickness in px)."""
+
     class_id: int
     shape: list
     look: list = field(default_factory=list)
@@ -122,8 +126,7 @@ def draw_op(image, op, colour, origin):
     if op[0] == "poly":
         cv2.fillPoly(image, [fixed(op[1], origin)], colour, cv2.LINE_8, SHIFT)
     else:
-        cv2.polylines(image, [fixed(op[1], origin)], False, colour, max(1, int(round(op[2]))),
-                      cv2.LINE_8, SHIFT)
+        cv2.polylines(image, [fixed(op[1], origin)], False, colour, max(1, int(round(op[2]))), cv2.LINE_8, SHIFT)
 
 
 def op_bounds(op):
@@ -163,26 +166,31 @@ def tube_look(points, thickness, class_id, light):
     pts = np.asarray(points, float)
     if thickness < 4:
         return [(("line", pts, thickness), base)]
-    return [(("line", pts, thickness + 2), edge), (("line", pts, thickness * 0.65), base),
-            (("line", pts + light * thickness * 0.18, thickness * 0.22), high)]
+    return [
+        (("line", pts, thickness + 2), edge),
+        (("line", pts, thickness * 0.65), base),
+        (("line", pts + light * thickness * 0.18, thickness * 0.22), high),
+    ]
 
 
 def quad_look(a, b, half_width, class_id, light):
     """Shading of a straight rigid piece a-b: edge fill, base core, highlight along the axis."""
     edge, base, high = LOOKS[class_id]
-    return [(("poly", segment_quad(a, b, half_width * 1.3)), edge),
-            (("poly", segment_quad(a, b, half_width * 0.7)), base),
-            (("line", np.array([a, b]) + light * half_width * 0.3, max(1.0, half_width * 0.3)), high)]
+    return [
+        (("poly", segment_quad(a, b, half_width * 1.3)), edge),
+        (("poly", segment_quad(a, b, half_width * 0.7)), base),
+        (("line", np.array([a, b]) + light * half_width * 0.3, max(1.0, half_width * 0.3)), high),
+    ]
 
 
 # ----------------------------------------------------------------------------- scene objects
+
 
 class Tool:
     """Robotic tool pivoting about a port outside the image: shaft (3), wrist (2), two jaws (1)."""
 
     def __init__(self, rng, width, height, side, scale):
-        self.entry = np.array([-0.15 * width if side < 0 else 1.15 * width,
-                               rng.uniform(0.45, 1.3) * height])
+        self.entry = np.array([-0.15 * width if side < 0 else 1.15 * width, rng.uniform(0.45, 1.3) * height])
         cx = rng.uniform(0.3, 0.5) if side < 0 else rng.uniform(0.5, 0.7)
         self.centre = np.array([cx * width, rng.uniform(0.3, 0.65) * height])
         self.amp = np.array([0.12 * width, 0.12 * height]) * rng.uniform(0.6, 1.2)
@@ -191,8 +199,12 @@ class Tool:
         self.half_width = max(1.5, 0.04 * height * scale)
 
     def pose(self, t):
-        tip = self.centre + np.array([wave(t, self.amp[0], self.periods[0], self.phases[0]),
-                                      wave(t, self.amp[1], self.periods[1], self.phases[1])])
+        tip = self.centre + np.array(
+            [
+                wave(t, self.amp[0], self.periods[0], self.phases[0]),
+                wave(t, self.amp[1], self.periods[1], self.phases[1]),
+            ]
+        )
         d = unit(tip - self.entry)
         bend = wave(t, 0.45, self.periods[2], self.phases[2])
         opening = 0.08 + 0.32 * (0.5 + 0.5 * math.sin(2 * math.pi * t / self.periods[3] + self.phases[3]))
@@ -208,27 +220,45 @@ class Tool:
     def parts(self, t, light):
         hw = self.half_width
         tip, d, d2, q, opening = self.pose(t)
-        parts = [Part(SHAFT, [("poly", segment_quad(self.entry, tip, hw))],
-                      quad_look(self.entry, tip, hw, SHAFT, light))]
+        parts = [
+            Part(SHAFT, [("poly", segment_quad(self.entry, tip, hw))], quad_look(self.entry, tip, hw, SHAFT, light))
+        ]
         edge, base, high = LOOKS[WRIST]
         wrist_shape = [("poly", segment_quad(tip, q, 0.9 * hw)), ("line", np.array([tip, tip]), 1.8 * hw)]
-        parts.append(Part(WRIST, wrist_shape,
-                          [(("poly", segment_quad(tip, q, 1.2 * hw)), edge),
-                           (("line", np.array([tip, tip]), 2.2 * hw), edge),
-                           (("poly", segment_quad(tip, q, 0.55 * hw)), base),
-                           (("line", np.array([tip, q]) + light * 0.3 * hw, max(1.0, 0.3 * hw)), high)]))
+        parts.append(
+            Part(
+                WRIST,
+                wrist_shape,
+                [
+                    (("poly", segment_quad(tip, q, 1.2 * hw)), edge),
+                    (("line", np.array([tip, tip]), 2.2 * hw), edge),
+                    (("poly", segment_quad(tip, q, 0.55 * hw)), base),
+                    (("line", np.array([tip, q]) + light * 0.3 * hw, max(1.0, 0.3 * hw)), high),
+                ],
+            )
+        )
         jaws, look = [], []
         length = 2.6 * hw
         for sign in (-1, 1):
             dj = rotate(d2, sign * opening)
             nj = normal(dj)
-            jaw = np.array([q + nj * 0.4 * hw, q + dj * length + nj * 0.12 * hw,
-                            q + dj * length - nj * 0.12 * hw, q - nj * 0.4 * hw])
+            jaw = np.array(
+                [
+                    q + nj * 0.4 * hw,
+                    q + dj * length + nj * 0.12 * hw,
+                    q + dj * length - nj * 0.12 * hw,
+                    q - nj * 0.4 * hw,
+                ]
+            )
             jaws.append(("poly", jaw))
-            look += [(("poly", jaw), LOOKS[CLASPER][0]),
-                     (("line", np.array([q, q + dj * length * 0.85]) + light * 0.1 * hw,
-                       max(1.0, 0.35 * hw)), LOOKS[CLASPER][1]),
-                     (("line", np.array([q, q + dj * length * 0.6]) + light * 0.2 * hw, 1), LOOKS[CLASPER][2])]
+            look += [
+                (("poly", jaw), LOOKS[CLASPER][0]),
+                (
+                    ("line", np.array([q, q + dj * length * 0.85]) + light * 0.1 * hw, max(1.0, 0.35 * hw)),
+                    LOOKS[CLASPER][1],
+                ),
+                (("line", np.array([q, q + dj * length * 0.6]) + light * 0.2 * hw, 1), LOOKS[CLASPER][2]),
+            ]
         parts.append(Part(CLASPER, jaws, look))
         return parts
 
@@ -251,8 +281,12 @@ class StraightInstrument:
         self.half_width = max(1.2, factor * height * rng.uniform(0.85, 1.15))
 
     def parts(self, t, light):
-        tip = self.centre + np.array([wave(t, self.amp[0], self.periods[0], self.phases[0]),
-                                      wave(t, self.amp[1], self.periods[1], self.phases[1])])
+        tip = self.centre + np.array(
+            [
+                wave(t, self.amp[0], self.periods[0], self.phases[0]),
+                wave(t, self.amp[1], self.periods[1], self.phases[1]),
+            ]
+        )
         hw = self.half_width
         d = unit(tip - self.entry)
         if self.class_id == SUCTION:
@@ -268,11 +302,14 @@ class StraightInstrument:
         for sign in (-1, 1):
             dj = rotate(d, sign * opening)
             nj = normal(dj)
-            jaw = np.array([tip + nj * hw, tip + dj * 4 * hw + nj * 0.3 * hw,
-                            tip + dj * 4 * hw - nj * 0.3 * hw, tip - nj * hw])
+            jaw = np.array(
+                [tip + nj * hw, tip + dj * 4 * hw + nj * 0.3 * hw, tip + dj * 4 * hw - nj * 0.3 * hw, tip - nj * hw]
+            )
             shape.append(("poly", jaw))
-            look += [(("poly", jaw), LOOKS[NEEDLE_HOLDER][1]),
-                     (("line", np.array([tip, tip + dj * 3.5 * hw]), 1), LOOKS[NEEDLE_HOLDER][2])]
+            look += [
+                (("poly", jaw), LOOKS[NEEDLE_HOLDER][1]),
+                (("line", np.array([tip, tip + dj * 3.5 * hw]), 1), LOOKS[NEEDLE_HOLDER][2]),
+            ]
         return [Part(NEEDLE_HOLDER, shape, look)]
 
 
@@ -281,10 +318,14 @@ class Catheter:
 
     def __init__(self, rng, width, height):
         x = rng.uniform(0.15, 0.85) * width
-        self.controls = np.array([[x, 1.2 * height],
-                                  [x + rng.uniform(-0.3, 0.3) * width, rng.uniform(0.6, 0.9) * height],
-                                  [rng.uniform(0.2, 0.8) * width, rng.uniform(0.5, 0.8) * height],
-                                  [rng.uniform(0.25, 0.75) * width, rng.uniform(0.35, 0.6) * height]])
+        self.controls = np.array(
+            [
+                [x, 1.2 * height],
+                [x + rng.uniform(-0.3, 0.3) * width, rng.uniform(0.6, 0.9) * height],
+                [rng.uniform(0.2, 0.8) * width, rng.uniform(0.5, 0.8) * height],
+                [rng.uniform(0.25, 0.75) * width, rng.uniform(0.35, 0.6) * height],
+            ]
+        )
         self.amp = 0.06 * min(width, height)
         self.periods = rng.uniform(2.5, 6.0, 3)
         self.phases = rng.uniform(0, 2 * math.pi, 3)
@@ -293,8 +334,10 @@ class Catheter:
     def parts(self, t, light):
         c = self.controls.copy()
         for k in range(1, 4):
-            c[k] += [wave(t, self.amp, self.periods[k - 1], self.phases[k - 1]),
-                     wave(t, self.amp, self.periods[k - 1] * 1.3, self.phases[k - 1] + 1)]
+            c[k] += [
+                wave(t, self.amp, self.periods[k - 1], self.phases[k - 1]),
+                wave(t, self.amp, self.periods[k - 1] * 1.3, self.phases[k - 1] + 1),
+            ]
         pts = bezier(c, 32)
         return [Part(CATHETER, [("line", pts, self.thickness)], tube_look(pts, self.thickness, CATHETER, light))]
 
@@ -304,8 +347,9 @@ class Clamps:
 
     def __init__(self, rng, width, height, pan_at_zero):
         count = int(rng.integers(1, 4))
-        self.positions = pan_at_zero + np.stack([rng.uniform(0.2, 0.8, count) * width,
-                                                 rng.uniform(0.25, 0.8, count) * height], axis=1)
+        self.positions = pan_at_zero + np.stack(
+            [rng.uniform(0.2, 0.8, count) * width, rng.uniform(0.25, 0.8, count) * height], axis=1
+        )
         self.angles = rng.uniform(0, 2 * math.pi, count)
         self.size = max(4.0, 0.07 * height)
 
@@ -319,8 +363,10 @@ class Clamps:
                 arm_end = hinge + rotate(d, sign * 0.22) * self.size
                 quad = segment_quad(hinge, arm_end, max(1.0, 0.13 * self.size))
                 shape.append(("poly", quad))
-                look += [(("poly", quad), LOOKS[CLAMPS][1]),
-                         (("line", np.array([hinge, arm_end]) + light * 0.05 * self.size, 1), LOOKS[CLAMPS][2])]
+                look += [
+                    (("poly", quad), LOOKS[CLAMPS][1]),
+                    (("line", np.array([hinge, arm_end]) + light * 0.05 * self.size, 1), LOOKS[CLAMPS][2]),
+                ]
             knob = ("line", np.array([hinge, hinge]), max(2.0, 0.3 * self.size))
             shape.append(knob)
             look.append((knob, LOOKS[CLAMPS][0]))
@@ -348,8 +394,13 @@ class Needle:
     def parts(self, t, light):
         pts = self.points(t)
         edge, base, high = LOOKS[NEEDLE]
-        return [Part(NEEDLE, [("line", pts, self.thickness)],
-                     [(("line", pts, self.thickness), base), (("line", pts[4:12], 1), high)])]
+        return [
+            Part(
+                NEEDLE,
+                [("line", pts, self.thickness)],
+                [(("line", pts, self.thickness), base), (("line", pts[4:12], 1), high)],
+            )
+        ]
 
 
 class Thread:
@@ -373,26 +424,33 @@ class Thread:
         start = self.anchor - pan
         chord = end - start
         n = normal(unit(chord))
-        sway = np.array([wave(t, 0.15, self.periods[0], self.phases[0]),
-                         wave(t, 0.15, self.periods[1], self.phases[1])]) * np.hypot(*chord)
+        sway = np.array(
+            [wave(t, 0.15, self.periods[0], self.phases[0]), wave(t, 0.15, self.periods[1], self.phases[1])]
+        ) * np.hypot(*chord)
         c1 = start + chord / 3 + n * self.bulge[0] + sway
         c2 = start + 2 * chord / 3 + n * self.bulge[1] - sway * 0.5
         pts = bezier([start, c1, c2, end], 48)
         s = np.linspace(0, 1, len(pts))
-        pts = pts + n * (self.wiggle * np.sin(2 * math.pi * (self.waves * s + t / 2.0) + self.phases[2])
-                         * np.sin(math.pi * s))[:, None]
+        pts = (
+            pts
+            + n
+            * (self.wiggle * np.sin(2 * math.pi * (self.waves * s + t / 2.0) + self.phases[2]) * np.sin(math.pi * s))[
+                :, None
+            ]
+        )
         edge, base, high = LOOKS[THREAD]
         return [Part(THREAD, [("line", pts, self.thickness)], [(("line", pts, self.thickness), base)])]
 
 
 # ----------------------------------------------------------------------------- tissue
 
+
 def smooth_noise(rng, height, width, cell):
     """Low-frequency noise: a coarse random grid resized with cubic interpolation."""
     cell = max(2, int(cell))
     small = rng.random((height // cell + 3, width // cell + 3)).astype(np.float32)
     big = cv2.resize(small, ((width // cell + 3) * cell, (height // cell + 3) * cell), interpolation=cv2.INTER_CUBIC)
-    return big[cell:cell + height, cell:cell + width]
+    return big[cell : cell + height, cell : cell + width]
 
 
 def fractal_noise(rng, height, width, cells, weights):
@@ -403,8 +461,9 @@ def fractal_noise(rng, height, width, cells, weights):
 
 def tissue_texture(rng, height, width, scale):
     """A reddish/pink tissue canvas with fat patches, vessels and specular highlights (BGR uint8)."""
-    base = fractal_noise(rng, height, width, [0.5 * scale, 0.2 * scale, 0.07 * scale, 0.025 * scale],
-                         [1.0, 0.5, 0.25, 0.12])
+    base = fractal_noise(
+        rng, height, width, [0.5 * scale, 0.2 * scale, 0.07 * scale, 0.025 * scale], [1.0, 0.5, 0.25, 0.12]
+    )
     fat = fractal_noise(rng, height, width, [0.35 * scale, 0.12 * scale], [1.0, 0.4])
     fat = np.clip((fat - 0.68) / 0.15, 0, 1)[..., None] * 0.7
     dark, pink, yellow = (np.array(c, np.float32) for c in ((30, 32, 115), (120, 128, 218), (125, 200, 235)))
@@ -416,8 +475,15 @@ def tissue_texture(rng, height, width, scale):
         step = 0.02 * scale
         pts = np.stack([np.cos(steps), np.sin(steps)], axis=1).cumsum(0) * step
         pts += [rng.uniform(0, width), rng.uniform(0, height)]
-        cv2.polylines(vessels, [np.round(pts * ONE).astype(np.int32)], False, 1.0,
-                      max(1, int(round(rng.uniform(0.004, 0.012) * scale))), cv2.LINE_AA, SHIFT)
+        cv2.polylines(
+            vessels,
+            [np.round(pts * ONE).astype(np.int32)],
+            False,
+            1.0,
+            max(1, int(round(rng.uniform(0.004, 0.012) * scale))),
+            cv2.LINE_AA,
+            SHIFT,
+        )
     vessels = cv2.GaussianBlur(vessels, (0, 0), max(0.6, 0.003 * scale))[..., None] * 0.55
     image = image * (1 - vessels) + np.array([55, 25, 95], np.float32) * vessels
     glints = np.zeros((height, width), np.float32)
@@ -433,6 +499,7 @@ def tissue_texture(rng, height, width, scale):
 
 # ----------------------------------------------------------------------------- one video
 
+
 class Scene:
     """Everything of one operation; frame(t) renders image and mask for time t (seconds)."""
 
@@ -447,8 +514,10 @@ class Scene:
         self.light = unit([-1.0, -1.0]) * rng.choice([-1.0, 1.0])
         pan0 = self.pan(0.0).astype(float)
         mirror = rng.choice([-1, 1])
-        tools = [Tool(rng, width, height, mirror * side, rng.uniform(0.85, 1.15))
-                 for side in ((-1, 1) if rng.random() < 0.6 else (-1,))]
+        tools = [
+            Tool(rng, width, height, mirror * side, rng.uniform(0.85, 1.15))
+            for side in ((-1, 1) if rng.random() < 0.6 else (-1,))
+        ]
         self.back, self.middle, self.front = [], [], []  # z-order: tissue-bound, instruments, needle
         if CLAMPS in extras:
             self.back.append(Clamps(rng, width, height, pan0))
@@ -473,13 +542,17 @@ class Scene:
             self.noise.append((np.clip(noise, 0, 255).astype(np.uint8), np.clip(-noise, 0, 255).astype(np.uint8)))
 
     def pan(self, t):
-        offset = self.pad + np.array([wave(t, self.pan_amp[0], self.pan_periods[0], self.pan_phases[0]),
-                                      wave(t, self.pan_amp[1], self.pan_periods[1], self.pan_phases[1])])
+        offset = self.pad + np.array(
+            [
+                wave(t, self.pan_amp[0], self.pan_periods[0], self.pan_phases[0]),
+                wave(t, self.pan_amp[1], self.pan_periods[1], self.pan_phases[1]),
+            ]
+        )
         return np.round(offset).astype(int)
 
     def frame(self, t, index):
         ox, oy = self.pan(t)
-        frame = self.texture[oy:oy + self.height, ox:ox + self.width].copy()
+        frame = self.texture[oy : oy + self.height, ox : ox + self.width].copy()
         mask = np.zeros((self.height, self.width), np.uint8)
         pan = np.array([ox, oy], float)
         for thing in self.back:
@@ -522,14 +595,15 @@ def write_video(video_dir, scene, seconds, time_offset):
     if count != frames:
         raise RuntimeError(f"{path}: written video does not open with {frames} frames (got {count})")
     # placeholders as in the release (actions are not used for segmentation)
-    (video_dir / "action_discrete.txt").write_text(
-        "".join(f"{i:09d},{(i // 120) % 8}\n" for i in range(0, frames, 6)))
+    (video_dir / "action_discrete.txt").write_text("".join(f"{i:09d},{(i // 120) % 8}\n" for i in range(0, frames, 6)))
     (video_dir / "action_continuous.txt").write_text(
-        "".join(f"{s:09d},{min(s + 119, frames - 1):09d},{(s // 120) % 8}\n" for s in range(0, frames, 120)))
+        "".join(f"{s:09d},{min(s + 119, frames - 1):09d},{(s // 120) % 8}\n" for s in range(0, frames, 120))
+    )
     return frames // FRAMES_PER_MASK + (1 if frames % FRAMES_PER_MASK else 0)
 
 
 # ----------------------------------------------------------------------------- dataset
+
 
 def validate(train_videos, test_videos, seconds, width, height, seed):
     if not 1 <= train_videos <= MAX_TRAIN_VIDEOS:
@@ -553,8 +627,18 @@ def video_plan(train_videos, test_videos):
     return plan
 
 
-def make_demo_dataset(output_dir, train_videos=5, test_videos=2, seconds=4, width=384, height=216, seed=0,
-                      overwrite=False, progress=False, jobs=None):
+def make_demo_dataset(
+    output_dir,
+    train_videos=5,
+    test_videos=2,
+    seconds=4,
+    width=384,
+    height=216,
+    seed=0,
+    overwrite=False,
+    progress=False,
+    jobs=None,
+):
     """Write the dataset under output_dir; returns a summary dict (video folders, masks, frames).
     jobs: videos rendered in parallel processes (default: CPU cores); the output is the same."""
     validate(train_videos, test_videos, seconds, width, height, seed)
@@ -572,8 +656,10 @@ def make_demo_dataset(output_dir, train_videos=5, test_videos=2, seconds=4, widt
     for split in ("train", "test"):
         (output_dir / split).mkdir(parents=True, exist_ok=True)
     plan = video_plan(train_videos, test_videos)
-    tasks = [(output_dir / split, number, parts, order, seconds, width, height, seed)
-             for order, (split, number, parts) in enumerate(plan)]
+    tasks = [
+        (output_dir / split, number, parts, order, seconds, width, height, seed)
+        for order, (split, number, parts) in enumerate(plan)
+    ]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     folders = masks = 0
     with tqdm(total=len(tasks), unit="video", desc="rendering", disable=not progress) as bar:
@@ -581,8 +667,9 @@ def make_demo_dataset(output_dir, train_videos=5, test_videos=2, seconds=4, widt
             results = (render_operation(*task) for task in tasks)
         else:  # each video has its own random generator: the output does not depend on jobs
             pool = ProcessPoolExecutor(max_workers=jobs)
-            results = (future.result() for future in as_completed([pool.submit(render_operation, *task)
-                                                                   for task in tasks]))
+            results = (
+                future.result() for future in as_completed([pool.submit(render_operation, *task) for task in tasks])
+            )
         try:
             for written_folders, written_masks in results:
                 folders, masks = folders + written_folders, masks + written_masks
@@ -590,8 +677,13 @@ def make_demo_dataset(output_dir, train_videos=5, test_videos=2, seconds=4, widt
         finally:
             if jobs > 1:
                 pool.shutdown(cancel_futures=True)
-    return {"videos": folders, "masks": masks, "frames": folders * seconds * FPS,
-            "train": train_videos, "test": test_videos}
+    return {
+        "videos": folders,
+        "masks": masks,
+        "frames": folders * seconds * FPS,
+        "train": train_videos,
+        "test": test_videos,
+    }
 
 
 def render_operation(split_dir, number, parts, order, seconds, width, height, seed):
@@ -610,20 +702,31 @@ def render_operation(split_dir, number, parts, order, seconds, width, height, se
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Write a small synthetic dataset in the SAR-RARP50 release layout "
-        "(OUT/{train,test}/video_XX/video_left.avi + segmentation/{i:09d}.png), for tests and demos.")
+        "(OUT/{train,test}/video_XX/video_left.avi + segmentation/{i:09d}.png), for tests and demos."
+    )
     parser.add_argument("--output", required=True, type=Path, help="output folder (created; must be empty)")
-    parser.add_argument("--train-videos", type=int, default=5,
-                        help="train videos video_01..video_N; the second-to-last comes in two parts "
-                        "when N >= 3 (default: 5)")
+    parser.add_argument(
+        "--train-videos",
+        type=int,
+        default=5,
+        help="train videos video_01..video_N; the second-to-last comes in two parts when N >= 3 (default: 5)",
+    )
     parser.add_argument("--test-videos", type=int, default=2, help="test videos video_41... (default: 2)")
-    parser.add_argument("--seconds", type=int, default=4, help="length of each video, 60 fps, one mask per second (default: 4)")
+    parser.add_argument(
+        "--seconds", type=int, default=4, help="length of each video, 60 fps, one mask per second (default: 4)"
+    )
     parser.add_argument("--width", type=int, default=384, help="frame width, even (default: 384)")
     parser.add_argument("--height", type=int, default=216, help="frame height, even (default: 216)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: 0)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count(),
-                        help="videos rendered in parallel (default: CPU cores); does not change the output")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty folder, replacing its train/ and test/ folders")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count(),
+        help="videos rendered in parallel (default: CPU cores); does not change the output",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty folder, replacing its train/ and test/ folders"
+    )
     args = parser.parse_args(argv)
     try:
         validate(args.train_videos, args.test_videos, args.seconds, args.width, args.height, args.seed)
@@ -636,13 +739,24 @@ def main(argv=None) -> int:
     except DemoDataError as error:
         parser.error(str(error))
     start = time.perf_counter()
-    summary = make_demo_dataset(args.output, args.train_videos, args.test_videos, args.seconds, args.width,
-                                args.height, args.seed, overwrite=args.overwrite, progress=True,
-                                jobs=args.jobs)
+    summary = make_demo_dataset(
+        args.output,
+        args.train_videos,
+        args.test_videos,
+        args.seconds,
+        args.width,
+        args.height,
+        args.seed,
+        overwrite=args.overwrite,
+        progress=True,
+        jobs=args.jobs,
+    )
     two_part = " incl. one in two parts" if args.train_videos >= 3 else ""
-    print(f"wrote {summary['videos']} video folders ({summary['train']} train videos{two_part}, "
-          f"{summary['test']} test), {summary['masks']} masks, {summary['frames']} frames at "
-          f"{args.width}x{args.height} to {args.output} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {summary['videos']} video folders ({summary['train']} train videos{two_part}, "
+        f"{summary['test']} test), {summary['masks']} masks, {summary['frames']} frames at "
+        f"{args.width}x{args.height} to {args.output} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

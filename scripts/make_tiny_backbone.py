@@ -1,4 +1,5 @@
 """Save a tiny randomly initialised DINOv3 ViT laid out like a hub repo, for tests and offline demos."""
+
 import argparse
 import json
 import os

@@ -6,6 +6,7 @@ unpacked into a temporary folder and renamed when complete, so a re-run skips fi
 videos and an interrupted one is redone. Zip entries that would land outside the output
 folder are refused.
 """
+
 import argparse
 import re
 import shutil
@@ -37,13 +38,15 @@ def safe_extract(archive: zipfile.ZipFile, destination: Path, video_name: str) -
     inside = [n for n in names if n.startswith(prefix)]
     if inside and len(inside) < len(names):
         beside = sorted({n.split("/")[0] for n in names if not n.startswith(prefix)})
-        raise UnpackError(f"{video_name}.zip holds a {prefix} folder and also {', '.join(beside[:3])} beside it, which "
-                          f"would unpack to {video_name}/{video_name}/: delete the extra entries from the zip "
-                          f"(zip -d {video_name}.zip '{beside[0]}*') and run again")
+        raise UnpackError(
+            f"{video_name}.zip holds a {prefix} folder and also {', '.join(beside[:3])} beside it, which "
+            f"would unpack to {video_name}/{video_name}/: delete the extra entries from the zip "
+            f"(zip -d {video_name}.zip '{beside[0]}*') and run again"
+        )
     strip = prefix if inside else ""
     root = destination.resolve()
     for name in names:
-        target = (destination / name[len(strip):]).resolve()
+        target = (destination / name[len(strip) :]).resolve()
         if name.startswith(("/", "\\")) or not target.is_relative_to(root):
             raise UnpackError(f"refusing zip entry {name!r}: it would be written outside {destination}")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,7 @@ def video_zips(source: Path):
         with zipfile.ZipFile(source) as outer:
             inner_names = [n for n in outer.namelist() if VIDEO_ZIP.search(n)]
     except zipfile.BadZipFile:
-        raise UnpackError(f"{source} is not a valid zip file (corrupt or incomplete download)")
+        raise UnpackError(f"{source} is not a valid zip file (corrupt or incomplete download)") from None
     if not inner_names:
         raise UnpackError(f"{source}: holds no video_XX.zip; is it a SAR-RARP50 archive?")
     for name in sorted(inner_names):
@@ -98,13 +101,18 @@ def video_zips(source: Path):
                 shutil.copyfileobj(member, spool, 1 << 20)
             spool.seek(0)
             return spool
+
         yield VIDEO_ZIP.search(name).group(1), opener
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sources", nargs="+", metavar="ARCHIVE_OR_DIR",
-                        help="train/test archives, per-video zips, or folders of per-video zips")
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        metavar="ARCHIVE_OR_DIR",
+        help="train/test archives, per-video zips, or folders of per-video zips",
+    )
     parser.add_argument("--output", default="sarrarp", help="destination folder (default: sarrarp)")
     args = parser.parse_args()
     output = Path(args.output)
@@ -115,13 +123,15 @@ def main() -> int:
         videos = [v for source in map(Path, args.sources) for v in video_zips(source)]
         if not videos:
             raise UnpackError("found no video_XX.zip in " + ", ".join(args.sources))
-        unpacked = sum(unpack_video_zip(opener, name, output)
-                       for name, opener in tqdm(videos, unit="video", desc="unpacking"))
+        unpacked = sum(
+            unpack_video_zip(opener, name, output) for name, opener in tqdm(videos, unit="video", desc="unpacking")
+        )
     except (UnpackError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{unpacked} video(s) unpacked, {len(videos) - unpacked} already present, into "
-          f"{output}/train and {output}/test")
+    print(
+        f"{unpacked} video(s) unpacked, {len(videos) - unpacked} already present, into {output}/train and {output}/test"
+    )
     return 0
 
 

@@ -17,8 +17,9 @@ def run_script(*args, check=True, cwd=ROOT, env=None):
     command = [str(a) for a in args]
     if command[0].endswith(".py"):
         command.insert(0, sys.executable)
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable, **(env or {})}
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -27,6 +28,7 @@ def run_script(*args, check=True, cwd=ROOT, env=None):
 def decode_all(video_path) -> list:
     """Every frame of a video, by OpenCV's sequential read() (what the official toolkit does)."""
     import cv2
+
     capture = cv2.VideoCapture(str(video_path))
     assert capture.isOpened(), video_path
     frames = []
@@ -42,6 +44,7 @@ def decode_all(video_path) -> list:
 def extracted_demo_release(root: Path, **sizes) -> Path:
     """A synthetic release in the SAR-RARP50 layout (scripts/make_demo_data.py), frames extracted."""
     from make_demo_data import make_demo_dataset
+
     make_demo_dataset(root, train_videos=5, seed=0, **sizes)
     run_script(ROOT / "scripts" / "extract_frames.sh", root, "--jobs", "2")
     return root
@@ -50,32 +53,42 @@ def extracted_demo_release(root: Path, **sizes) -> Path:
 @pytest.fixture(scope="session")
 def demo_release(tmp_path_factory):
     """A tiny release: 6 training video folders (one operation in two parts), 2 test videos. Copy it to change it."""
-    return extracted_demo_release(tmp_path_factory.mktemp("release") / "sarrarp",
-                                  test_videos=2, seconds=3, width=128, height=96)
+    return extracted_demo_release(
+        tmp_path_factory.mktemp("release") / "sarrarp", test_videos=2, seconds=3, width=128, height=96
+    )
 
 
 @pytest.fixture(scope="session")
 def learnable_release(tmp_path_factory):
     """A larger release (256x144, 6 masks a video) on which a tiny model learns within a minute."""
-    return extracted_demo_release(tmp_path_factory.mktemp("learnable") / "sarrarp",
-                                  test_videos=0, seconds=6, width=256, height=144)
+    return extracted_demo_release(
+        tmp_path_factory.mktemp("learnable") / "sarrarp", test_videos=0, seconds=6, width=256, height=144
+    )
 
 
 def background_scores(release: Path, videos: list[str]) -> dict:
     """The official scores of predicting background everywhere on these training-folder videos."""
     import numpy as np
 
-    import dataset as D
+    import dataset
     from metrics import frame_scores, summarize
-    return summarize({video: [frame_scores(np.zeros_like(mask), mask) for mask in
-                              map(D.read_mask, sorted((release / "train" / video / "segmentation").glob("*.png")))]
-                      for video in videos})
+
+    return summarize(
+        {
+            video: [
+                frame_scores(np.zeros_like(mask), mask)
+                for mask in map(dataset.read_mask, sorted((release / "train" / video / "segmentation").glob("*.png")))
+            ]
+            for video in videos
+        }
+    )
 
 
 @pytest.fixture(scope="session")
 def backbone(tmp_path_factory):
     """A tiny randomly initialised DINOv3 (4 layers, hidden size 64) saved like a hub repository. Do not change it."""
     from make_tiny_backbone import save_tiny_backbone
+
     directory = tmp_path_factory.mktemp("backbone") / "tiny-dinov3"
     save_tiny_backbone(directory)
     return directory

@@ -1,4 +1,5 @@
 """benchmarks/ablate.py: the grid it expands and the commands it runs (no training), and a tiny demo ablation."""
+
 import csv
 import json
 import re
@@ -8,7 +9,7 @@ import pytest
 
 import run_training
 from conftest import ROOT, run_script
-from model import DEFAULT_BACKBONE
+from hub import DEFAULT_BACKBONE
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import ablate  # noqa: E402
@@ -22,17 +23,29 @@ def names(grid):
 
 def test_the_seeds_grid_runs_frozen_and_full_once_and_lora_once_per_rank():
     grid = ablate.expand_grid(["vitl16"], ["frozen", "lora", "full"], ["8", "16"], ["mlp"], ["ce"], ["half", "quarter"])
-    assert names(grid) == ["vitl16_frozen_mlp_ce_half", "vitl16_frozen_mlp_ce_quarter",
-                           "vitl16_lora-r8_mlp_ce_half", "vitl16_lora-r8_mlp_ce_quarter",
-                           "vitl16_lora-r16_mlp_ce_half", "vitl16_lora-r16_mlp_ce_quarter",
-                           "vitl16_full_mlp_ce_half", "vitl16_full_mlp_ce_quarter"]
+    assert names(grid) == [
+        "vitl16_frozen_mlp_ce_half",
+        "vitl16_frozen_mlp_ce_quarter",
+        "vitl16_lora-r8_mlp_ce_half",
+        "vitl16_lora-r8_mlp_ce_quarter",
+        "vitl16_lora-r16_mlp_ce_half",
+        "vitl16_lora-r16_mlp_ce_quarter",
+        "vitl16_full_mlp_ce_half",
+        "vitl16_full_mlp_ce_quarter",
+    ]
     assert [config["lora_rank"] for config in grid if config["backbone_training"] != "lora"] == [None] * 4
 
 
 def test_configuration_names_are_unique_readable_folder_names_over_every_axis():
     backbones = ["vitl16", "facebook/dinov3-vitb16-pretrain-lvd1689m", "/models/my dino/"]
-    grid = ablate.expand_grid(backbones, ["lora", "frozen", "full", "lora"], ["8", "16", "8"], ["mlp", "multilayer"],
-                              ["ce", "ce+dice"], ["half", "quarter", "full"])
+    grid = ablate.expand_grid(
+        backbones,
+        ["lora", "frozen", "full", "lora"],
+        ["8", "16", "8"],
+        ["mlp", "multilayer"],
+        ["ce", "ce+dice"],
+        ["half", "quarter", "full"],
+    )
     assert len(set(names(grid))) == len(grid) == 3 * (2 + 1 + 1) * 2 * 2 * 3  # repeated values count once
     assert {config["backbone_label"] for config in grid} == {"vitl16", "vitb16", "my-dino"}  # hub id -> short name
     assert all(re.fullmatch(r"[A-Za-z0-9.-]+(_[A-Za-z0-9.-]+){4}", name) for name in names(grid))
@@ -50,11 +63,14 @@ def test_backbone_is_the_single_value_form_of_backbones():
     assert ablate.parse_args([]).backbones == [DEFAULT_BACKBONE]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--backbone-trainings", "lora,partial"], "unknown backbone trainings ['partial']"),
-    (["--backbone", "vitl16", "--backbones", "vitb16"], "not both"),
-    (["--demo", "--backbones", "vitl16"], "--demo makes and uses its own tiny backbone"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backbone-trainings", "lora,partial"], "unknown backbone trainings ['partial']"),
+        (["--backbone", "vitl16", "--backbones", "vitb16"], "not both"),
+        (["--demo", "--backbones", "vitl16"], "--demo makes and uses its own tiny backbone"),
+    ],
+)
 def test_bad_grid_arguments_stop_with_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit):
         ablate.parse_args(argv)
@@ -64,22 +80,43 @@ def test_bad_grid_arguments_stop_with_a_usage_error(argv, message, capsys):
 def test_each_run_gets_its_mode_a_rank_only_for_lora_and_the_recipe_under_the_grid(tmp_path):
     args = ablate.parse_args(["--recipe", SEED_RECIPE, "--max-steps", "5", "--", "--batch-size", "2"])
     grid = ablate.expand_grid(["vitb16"], ["frozen", "lora", "full"], ["16"], ["mlp"], ["ce"], ["quarter"])
-    commands = [[str(a) for a in ablate.training_command(args, config, tmp_path / name)[1:]]
-                for config, name in zip(grid, names(grid))]
+    commands = [
+        [str(a) for a in ablate.training_command(args, config, tmp_path / name)[1:]]
+        for config, name in zip(grid, names(grid))
+    ]
     assert ["--lora-rank" in command for command in commands] == [False, True, False]
     parsed = [run_training.parse_args(command) for command in commands]  # as run_training.py reads them
     assert [a.backbone_training for a in parsed] == ["frozen", "lora", "full"]
     assert {(a.backbone, a.resolution, a.max_steps, a.batch_size) for a in parsed} == {("vitb16", "quarter", 5, 2)}
-    assert parsed[1].lora_rank == 16 and parsed[0].lora_rank == 8  # the grid's rank over the recipe's, else the recipe's
+    assert (
+        parsed[1].lora_rank == 16 and parsed[0].lora_rank == 8
+    )  # the grid's rank over the recipe's, else the recipe's
     assert {(a.optimizer, a.lr, a.weight_decay, a.schedule) for a in parsed} == {("adam", 1e-4, 0, "constant")}
 
 
 def test_ablate_demo_writes_its_tables(tmp_path):
     # Slow (~1 minute on 2 busy cores): demo data, a tiny backbone, then 2 x (training + inference) subprocesses.
     output = tmp_path / "ablation"
-    result = run_script(ROOT / "benchmarks" / "ablate.py", "--demo", "--output-directory", output,
-                        "--backbone-trainings", "frozen,lora", "--lora-ranks", "8", "--heads", "mlp", "--losses", "ce",
-                        "--resolutions", "quarter", "--max-steps", "2", "--num-workers", "0")
+    result = run_script(
+        ROOT / "benchmarks" / "ablate.py",
+        "--demo",
+        "--output-directory",
+        output,
+        "--backbone-trainings",
+        "frozen,lora",
+        "--lora-ranks",
+        "8",
+        "--heads",
+        "mlp",
+        "--losses",
+        "ce",
+        "--resolutions",
+        "quarter",
+        "--max-steps",
+        "2",
+        "--num-workers",
+        "0",
+    )
     expected = ["tiny-dinov3_frozen_mlp_ce_quarter", "tiny-dinov3_lora-r8_mlp_ce_quarter"]
     markdown = (output / "ablation.md").read_text()
     assert "demo data + tiny random backbone: these numbers show plumbing, not truth" in markdown

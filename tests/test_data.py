@@ -1,9 +1,10 @@
 """Data foundation: release in, frame-accurate frames, validated samples, video-level split, augmentation."""
+
 import os
 import shutil
 import struct
-import zlib
 import zipfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import dataset as D
+import dataset
+import discovery
+import losses
 from conftest import ROOT, run_script
 
 UNPACK = ROOT / "scripts" / "unpack_sarrarp.sh"
@@ -36,10 +39,11 @@ def sequential_frames(video: Path) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------- unpacking
 
+
 def test_unpack_outer_archives_of_video_zips_into_train_and_test(demo_release, tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
-    for video in D.find_video_dirs(demo_release):
+    for video in discovery.find_video_dirs(demo_release):
         # one inner zip with a top folder named like the video, the others without: both occur
         zip_folder(video, inner / f"{video.name}.zip", top=f"{video.name}/" if video.name == "video_01" else "")
     train_archive, test_archive = tmp_path / "train_set.zip", tmp_path / "test_set.zip"
@@ -90,8 +94,9 @@ def test_unpack_reports_a_corrupt_archive_in_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- frame extraction
 
+
 def test_extracted_frames_are_exactly_frame_i_of_sequential_decoding(demo_release):
-    for video in D.find_video_dirs(demo_release):
+    for video in discovery.find_video_dirs(demo_release):
         decoded = sequential_frames(video / "video_left.avi")
         masks = sorted((video / "segmentation").glob("*.png"))
         assert masks
@@ -106,8 +111,9 @@ def test_extraction_at_ten_per_second_writes_every_sixth_frame(release_copy):
     run_script(EXTRACT, video, "--rate", "10", "--output-name", "rgb")
     names = sorted(p.name for p in (video / "rgb").glob("*.png"))
     assert names == [f"{i:09d}.png" for i in range(0, 180, 6)]
-    assert np.array_equal(cv2.imread(str(video / "rgb" / "000000042.png")),
-                          sequential_frames(video / "video_left.avi")[42])
+    assert np.array_equal(
+        cv2.imread(str(video / "rgb" / "000000042.png")), sequential_frames(video / "video_left.avi")[42]
+    )
 
 
 def test_extraction_rerun_skips_finished_videos_and_leaves_no_partial_files(release_copy):
@@ -136,12 +142,13 @@ def test_unreadable_video_is_reported_without_stopping_the_others(release_copy):
 
 # ----------------------------------------------------------------------------- discovery and validation
 
+
 def test_discovery_pairs_masks_with_frames_including_parts_and_rgb_folders(release_copy):
-    videos = D.find_video_dirs(release_copy / "train")
+    videos = discovery.find_video_dirs(release_copy / "train")
     names = [v.name for v in videos]
     assert any(n.endswith("_1") for n in names) and any(n.endswith("_2") for n in names)
     (release_copy / "train" / names[0] / "frames").rename(release_copy / "train" / names[0] / "rgb")
-    samples = D.find_samples(videos)
+    samples = discovery.find_samples(videos)
     assert len(samples) == 3 * len(videos)
     assert {s.video for s in samples} == set(names)
     assert all(s.image.name == s.mask.name for s in samples)
@@ -156,28 +163,31 @@ def as_palette_png(png: bytes) -> bytes:
 
 
 def scanned(release: Path, **kwargs):
-    samples = D.find_samples(D.find_video_dirs(release / "train"), **kwargs)
-    return D.scan_samples(samples, **kwargs)
+    samples = discovery.find_samples(discovery.find_video_dirs(release / "train"), **kwargs)
+    return discovery.scan_samples(samples, **kwargs)
 
 
 def test_a_mask_without_a_frame_is_a_clear_error_or_skipped_with_a_warning(release_copy):
     missing = release_copy / "train" / "video_01" / "frames" / "000000060.png"
     missing.unlink()
-    with pytest.raises(D.DataError, match=r"video_01/segmentation/000000060.png: no frame for this mask"):
-        D.find_samples(D.find_video_dirs(release_copy / "train"))
+    with pytest.raises(dataset.DataError, match=r"video_01/segmentation/000000060.png: no frame for this mask"):
+        discovery.find_samples(discovery.find_video_dirs(release_copy / "train"))
     with pytest.warns(UserWarning, match="no frame for this mask"):
-        samples = D.find_samples(D.find_video_dirs(release_copy / "train"), skip_bad=True)
+        samples = discovery.find_samples(discovery.find_video_dirs(release_copy / "train"), skip_bad=True)
     assert len(samples) == 3 * 6 - 1
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("resize_frame", r"frames/000000000.png: frame is 64x48 but its mask is 128x96"),
-    ("class_12", r"segmentation/000000000.png: class ids 12 above 9"),
-    ("truncate_frame", r"frames/000000000.png: truncated PNG"),
-    ("garbage_mask", r"segmentation/000000000.png: not a PNG file"),
-    ("palette_mask", r"segmentation/000000000.png: palette PNG"),
-    ("rgb_mask", r"segmentation/000000000.png: masks must be 8-bit single-channel PNGs"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("resize_frame", r"frames/000000000.png: frame is 64x48 but its mask is 128x96"),
+        ("class_12", r"segmentation/000000000.png: class ids 12 above 9"),
+        ("truncate_frame", r"frames/000000000.png: truncated PNG"),
+        ("garbage_mask", r"segmentation/000000000.png: not a PNG file"),
+        ("palette_mask", r"segmentation/000000000.png: palette PNG"),
+        ("rgb_mask", r"segmentation/000000000.png: masks must be 8-bit single-channel PNGs"),
+    ],
+)
 def test_bad_samples_give_one_clear_error_naming_the_file(release_copy, damage, message):
     video = release_copy / "train" / "video_01"
     frame, mask = video / "frames" / "000000000.png", video / "segmentation" / "000000000.png"
@@ -195,7 +205,7 @@ def test_bad_samples_give_one_clear_error_naming_the_file(release_copy, damage, 
         mask.write_bytes(as_palette_png(mask.read_bytes()))
     elif damage == "rgb_mask":
         cv2.imwrite(str(mask), cv2.cvtColor(cv2.imread(str(mask), cv2.IMREAD_UNCHANGED), cv2.COLOR_GRAY2BGR))
-    with pytest.raises(D.DataError, match=message) as error:
+    with pytest.raises(dataset.DataError, match=message) as error:
         scanned(release_copy)
     assert "\n" not in str(error.value)
     with pytest.warns(UserWarning, match=message):
@@ -205,39 +215,50 @@ def test_bad_samples_give_one_clear_error_naming_the_file(release_copy, damage, 
 
 def test_mask_statistics_are_cached_and_refreshed_when_a_mask_changes(release_copy, tmp_path):
     statistics = tmp_path / "stats.json"
-    samples = D.find_samples(D.find_video_dirs(release_copy / "train"))
-    _, counts, size = D.scan_samples(samples, statistics)
+    samples = discovery.find_samples(discovery.find_video_dirs(release_copy / "train"))
+    _, counts, size = discovery.scan_samples(samples, statistics)
     assert size == (96, 128) and counts.shape == (len(samples), 10) and (counts.sum(1) == 96 * 128).all()
     mask = samples[0].mask
     cv2.imwrite(str(mask), np.full((96, 128), 5, np.uint8))
     os.utime(mask, ns=(1, 1))  # a different modification time
-    _, refreshed, _ = D.scan_samples(samples, statistics)
+    _, refreshed, _ = discovery.scan_samples(samples, statistics)
     assert refreshed[0].tolist() == [0, 0, 0, 0, 0, 96 * 128, 0, 0, 0, 0]
     assert (refreshed[1:] == counts[1:]).all()
 
 
 # ----------------------------------------------------------------------------- split and class weights
 
-VIDEOS = ["video_01", "video_02", "video_03", "video_04", "video_05", "video_06", "video_07",
-          "video_11_1", "video_11_2", "video_15_1", "video_15_2"]
+VIDEOS = [
+    "video_01",
+    "video_02",
+    "video_03",
+    "video_04",
+    "video_05",
+    "video_06",
+    "video_07",
+    "video_11_1",
+    "video_11_2",
+    "video_15_1",
+    "video_15_2",
+]
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_split_is_by_video_keeps_parts_together_and_is_deterministic(seed):
-    train, val = D.split_by_video(VIDEOS, seed=seed)
+    train, val = dataset.split_by_video(VIDEOS, seed=seed)
     assert not set(train) & set(val) and sorted(train + val) == sorted(VIDEOS)
-    assert len({D.operation_name(v) for v in val}) == 2  # 20% of 9 operations
+    assert len({dataset.operation_name(v) for v in val}) == 2  # 20% of 9 operations
     for side in (train, val):
         assert ("video_11_1" in side) == ("video_11_2" in side)
         assert ("video_15_1" in side) == ("video_15_2" in side)
-    assert D.split_by_video(VIDEOS, seed=seed) == (train, val)
+    assert dataset.split_by_video(VIDEOS, seed=seed) == (train, val)
 
 
 def test_split_can_be_chosen_by_naming_validation_videos():
-    train, val = D.split_by_video(VIDEOS, val_videos=["video_03", "video_11_2"])
+    train, val = dataset.split_by_video(VIDEOS, val_videos=["video_03", "video_11_2"])
     assert val == ["video_03", "video_11_1", "video_11_2"]
-    with pytest.raises(D.DataError, match="validation videos not found in the data: video_99"):
-        D.split_by_video(VIDEOS, val_videos=["video_99"])
+    with pytest.raises(dataset.DataError, match="validation videos not found in the data: video_99"):
+        dataset.split_by_video(VIDEOS, val_videos=["video_99"])
 
 
 def test_class_weights_follow_the_documented_formula_on_a_hand_made_mask():
@@ -247,7 +268,7 @@ def test_class_weights_follow_the_documented_formula_on_a_hand_made_mask():
     counts = np.bincount(mask.ravel(), minlength=10)
     frequencies = counts / counts.sum()
     assert frequencies[[0, 3, 5]].tolist() == [0.89, 0.10, 0.01]
-    weights = D.class_weights_from_frequencies(frequencies)
+    weights = losses.class_weights_from_frequencies(frequencies)
     assert weights[5] == pytest.approx(1 / np.log(1.03))
     assert weights[0] == pytest.approx(1 / np.log(1.91))
     assert weights[1] == pytest.approx(1 / np.log(1.02))  # absent class: the bounded maximum
@@ -256,10 +277,11 @@ def test_class_weights_follow_the_documented_formula_on_a_hand_made_mask():
 
 # ----------------------------------------------------------------------------- resolution and augmentation
 
+
 def test_training_size_is_half_or_quarter_padded_to_the_patch_grid():
-    assert D.training_size((1080, 1920), 0.5) == ((540, 960), (544, 960))
-    assert D.training_size((1080, 1920), 0.25) == ((270, 480), (272, 480))
-    assert D.training_size((1080, 1920), 1.0) == ((1080, 1920), (1088, 1920))
+    assert dataset.training_size((1080, 1920), 0.5) == ((540, 960), (544, 960))
+    assert dataset.training_size((1080, 1920), 0.25) == ((270, 480), (272, 480))
+    assert dataset.training_size((1080, 1920), 1.0) == ((1080, 1920), (1088, 1920))
 
 
 def striped_sample():
@@ -275,13 +297,13 @@ def striped_sample():
 def misaligned_fraction(image, mask):
     labels = image[..., 0] // 25
     low_res = cv2.resize(mask, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
-    labelled = low_res != D.IGNORE_INDEX
+    labelled = low_res != dataset.IGNORE_INDEX
     return ((labels != low_res) & labelled).mean()
 
 
 def test_spatial_augmentation_moves_image_and_full_resolution_mask_together():
     image, mask = striped_sample()
-    augment = D.spatial_augmentation()
+    augment = dataset.spatial_augmentation()
     flipped = 0
     for _ in range(40):
         out = augment(image=image, mask=mask)
@@ -294,31 +316,31 @@ def test_spatial_augmentation_moves_image_and_full_resolution_mask_together():
 
 def test_augmented_mask_values_stay_a_subset_of_the_original_plus_ignore():
     _, mask = striped_sample()
-    augment = D.spatial_augmentation()
+    augment = dataset.spatial_augmentation()
     for _ in range(40):
         values = set(np.unique(augment(image=cv2.resize(mask, (128, 96)), mask=mask)["mask"]).tolist())
-        assert values <= {0, 3, 5, 8, D.IGNORE_INDEX}
+        assert values <= {0, 3, 5, 8, dataset.IGNORE_INDEX}
 
 
 def test_dataset_yields_uint8_images_at_training_size_and_full_resolution_masks(demo_release):
-    samples, _, size = D.scan_samples(D.find_samples(D.find_video_dirs(demo_release / "train")))
+    samples, _, size = discovery.scan_samples(discovery.find_samples(discovery.find_video_dirs(demo_release / "train")))
     for augment in (False, True):
-        item = D.SegmentationDataset(samples, size, scale=0.5, augment=augment)[0]
+        item = dataset.SegmentationDataset(samples, size, scale=0.5, augment=augment)[0]
         assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 48, 64)
         assert item["mask"].dtype == torch.uint8 and item["mask"].shape == (96, 128)
-    plain = D.SegmentationDataset(samples, size, scale=0.25)[0]
+    plain = dataset.SegmentationDataset(samples, size, scale=0.25)[0]
     assert plain["image"].shape == (3, 32, 32)  # 24x32 padded to the 16-pixel grid
     assert plain["image"][:, 24:].sum() == 0
-    assert torch.equal(plain["mask"], torch.from_numpy(D.read_mask(samples[0].mask)))
+    assert torch.equal(plain["mask"], torch.from_numpy(dataset.read_mask(samples[0].mask)))
 
 
 def test_frame_cache_is_built_once_and_rebuilt_when_the_frame_changes(release_copy):
-    samples, _, size = D.scan_samples(D.find_samples(D.find_video_dirs(release_copy / "test")))
-    cached_data = D.SegmentationDataset(samples, size, scale=0.5, cache_frames=True)
+    samples, _, size = discovery.scan_samples(discovery.find_samples(discovery.find_video_dirs(release_copy / "test")))
+    cached_data = dataset.SegmentationDataset(samples, size, scale=0.5, cache_frames=True)
     first = cached_data[0]["image"]
-    cached = D.cached_frame_path(samples[0].image, (48, 64))
+    cached = dataset.cached_frame_path(samples[0].image, (48, 64))
     assert cached.exists()
-    uncached = D.SegmentationDataset(samples, size, scale=0.5)[0]["image"]
+    uncached = dataset.SegmentationDataset(samples, size, scale=0.5)[0]["image"]
     assert (first.float() - uncached.float()).abs().mean() < 2  # JPEG q95 is close to the source
     built = cached.stat().st_mtime_ns
     cached_data[0]

@@ -1,4 +1,5 @@
 """scripts/make_demo_data.py: a synthetic dataset in the exact SAR-RARP50 release layout."""
+
 import hashlib
 import sys
 
@@ -38,11 +39,20 @@ def test_layout_is_exactly_the_release_layout(small_release):
     assert sorted(p.name for p in root.iterdir()) == ["test", "train"]
     # 4 train videos: the second-to-last (03) comes in two parts, each a video of its own
     assert sorted(p.name for p in (root / "train").iterdir()) == [
-        "video_01", "video_02", "video_03_1", "video_03_2", "video_04"]
+        "video_01",
+        "video_02",
+        "video_03_1",
+        "video_03_2",
+        "video_04",
+    ]
     assert sorted(p.name for p in (root / "test").iterdir()) == ["video_41", "video_42"]
     for video in sorted(root.glob("*/video_*")):
         assert sorted(p.name for p in video.iterdir()) == [
-            "action_continuous.txt", "action_discrete.txt", "segmentation", "video_left.avi"]
+            "action_continuous.txt",
+            "action_discrete.txt",
+            "segmentation",
+            "video_left.avi",
+        ]
         assert sorted(p.name for p in (video / "segmentation").iterdir()) == ["000000000.png", "000000060.png"]
         assert (video / "action_discrete.txt").read_text().strip()
     assert "7 video folders" in result.stdout and "14 masks" in result.stdout and str(root) in result.stdout
@@ -80,10 +90,10 @@ def test_each_mask_labels_exactly_the_pixels_drawn_in_its_frame():
     """Image and mask come from the same scene state: with the objects removed, exactly the
     unlabelled pixels stay the same."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import make_demo_data as M
+    import make_demo_data
 
     for seed in range(3):
-        scene = M.Scene(np.random.default_rng(seed), 160, 96, set(M.EXTRA_CLASSES))
+        scene = make_demo_data.Scene(np.random.default_rng(seed), 160, 96, set(make_demo_data.EXTRA_CLASSES))
         for index in (0, 37, 60):
             image, mask = scene.frame(index / 60, index)
             objects = scene.back, scene.middle, scene.front
@@ -116,8 +126,20 @@ def test_refuses_a_non_empty_output_folder_unless_overwrite(tmp_path):
     output = tmp_path / "out"
     (output / "train" / "video_99").mkdir(parents=True)
     (output / "notes.txt").write_text("keep me")
-    args = ["--output", output, "--train-videos", "1", "--test-videos", "1", "--seconds", "1",
-            "--width", "64", "--height", "48"]
+    args = [
+        "--output",
+        output,
+        "--train-videos",
+        "1",
+        "--test-videos",
+        "1",
+        "--seconds",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "48",
+    ]
     result = run_script(SCRIPT, *args, check=False)
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -130,12 +152,15 @@ def test_refuses_a_non_empty_output_folder_unless_overwrite(tmp_path):
     assert (output / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("bad, word", [
-    (["--width", "127"], "--width"),
-    (["--height", "0"], "--height"),
-    (["--seconds", "0"], "--seconds"),
-    (["--train-videos", "0"], "--train-videos"),
-])
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        (["--width", "127"], "--width"),
+        (["--height", "0"], "--height"),
+        (["--seconds", "0"], "--seconds"),
+        (["--train-videos", "0"], "--train-videos"),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(tmp_path, bad, word):
     result = run_script(SCRIPT, "--output", tmp_path / "out", *bad, check=False)
     assert result.returncode == 2

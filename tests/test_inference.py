@@ -1,5 +1,6 @@
 """Inference entry point: predictions in the official layout, pictures, the official score (and the seed pipeline's own
 mIoU beside it), re-scoring, bad input."""
+
 import csv
 import json
 import shutil
@@ -11,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dataset as D
-import plots as P
+import dataset
+import inference
+import plots
 import run_inference
 from conftest import ROOT, run_script
 from make_tiny_backbone import save_tiny_backbone
@@ -34,17 +36,42 @@ def release(demo_release, tmp_path_factory):
 def trained_model(release, tmp_path_factory):
     root = tmp_path_factory.mktemp("inference_model")
     save_tiny_backbone(root / "tiny-dinov3")
-    run_script(ROOT / "run_training.py", "--data-directory", release, "--output-directory", root / "model",
-               "--backbone", root / "tiny-dinov3", "--max-steps", "4", "--batch-size", "2", "--num-workers", "0",
-               "--resolution", "quarter", "--warmup-steps", "1")
+    run_script(
+        ROOT / "run_training.py",
+        "--data-directory",
+        release,
+        "--output-directory",
+        root / "model",
+        "--backbone",
+        root / "tiny-dinov3",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--resolution",
+        "quarter",
+        "--warmup-steps",
+        "1",
+    )
     return root / "model"
 
 
 @pytest.fixture(scope="module")
 def test_run(trained_model, release):
     """The plain run: test split, written to MODEL/inference."""
-    return run_script(INFER, "--data-directory", release, "--model-directory", trained_model,
-                      "--batch-size", "1", "--num-workers", "0")
+    return run_script(
+        INFER,
+        "--data-directory",
+        release,
+        "--model-directory",
+        trained_model,
+        "--batch-size",
+        "1",
+        "--num-workers",
+        "0",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +84,24 @@ def options_run(trained_model, release, tmp_path_factory):
     shutil.copytree(release, data)
     val_video = data / "train" / json.loads((model / "split.json").read_text())["val"][0]
     shutil.copy(val_video / "frames" / "000000060.png", val_video / "frames" / "000000030.png")
-    result = run_script(INFER, "--data-directory", data, "--model-directory", model, "--split", "val", "--tta", "flip",
-                        "--min-component-size", "20", "--all-frames", "--batch-size", "4", "--num-workers", "0")
+    result = run_script(
+        INFER,
+        "--data-directory",
+        data,
+        "--model-directory",
+        model,
+        "--split",
+        "val",
+        "--tta",
+        "flip",
+        "--min-component-size",
+        "20",
+        "--all-frames",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+    )
     return result, model, data
 
 
@@ -77,35 +120,37 @@ def test_predictions_are_the_models_labels_at_the_source_size_in_the_official_la
     assert ground_truth_masks(predictions) == masks  # one per ground-truth mask, same names, nothing else
     for mask in masks:
         labels = read_label_png(predictions / mask)  # 8-bit single-channel class ids 0..9, or it raises
-        assert labels.dtype == np.uint8 and labels.shape == D.read_mask(release / "test" / mask).shape
+        assert labels.dtype == np.uint8 and labels.shape == dataset.read_mask(release / "test" / mask).shape
 
     model, config = load_trained_model(trained_model)  # a direct forward pass on one frame
     frame = release / "test" / "video_41" / "frames" / "000000060.png"
     content_h, content_w = config["resolution"]["content_size"]
     padded_h, padded_w = config["resolution"]["padded_size"]
-    image = torch.from_numpy(D.read_scaled_image(frame, (content_h, content_w), use_cache=False)).permute(2, 0, 1)
+    image = torch.from_numpy(dataset.read_scaled_image(frame, (content_h, content_w), use_cache=False)).permute(2, 0, 1)
     padded = F.pad(image[None], (0, padded_w - content_w, 0, padded_h - content_h))
     with torch.no_grad():
         expected = model(padded, tuple(config["resolution"]["source_size"]), (content_h, content_w)).argmax(1)[0]
-    np.testing.assert_array_equal(read_label_png(predictions / "video_41" / "segmentation" / frame.name), expected.numpy())
+    np.testing.assert_array_equal(
+        read_label_png(predictions / "video_41" / "segmentation" / frame.name), expected.numpy()
+    )
 
 
 def test_each_ground_truth_frame_gets_a_picture_of_frame_prediction_and_truth(test_run, trained_model, release):
-    height, width = D.read_mask(release / "test" / "video_41" / "segmentation" / "000000000.png").shape
-    expected_height = P.TITLE_HEIGHT + height + P.legend_rows(3 * width) * P.LEGEND_ROW_HEIGHT
+    height, width = dataset.read_mask(release / "test" / "video_41" / "segmentation" / "000000000.png").shape
+    expected_height = plots.TITLE_HEIGHT + height + plots.legend_rows(3 * width) * plots.LEGEND_ROW_HEIGHT
     for mask in ground_truth_masks(release / "test"):
         picture = cv2.imread(str(trained_model / "inference" / mask.parent.parent / "visualisations" / mask.name))
         assert picture.shape == (expected_height, 3 * width, 3)
     frame = cv2.imread(str(release / "test" / "video_41" / "frames" / "000000000.png"))
     picture = cv2.imread(str(trained_model / "inference" / "video_41" / "visualisations" / "000000000.png"))
-    np.testing.assert_array_equal(picture[P.TITLE_HEIGHT:P.TITLE_HEIGHT + height, :width], frame)
+    np.testing.assert_array_equal(picture[plots.TITLE_HEIGHT : plots.TITLE_HEIGHT + height, :width], frame)
     assert "visualisations:" in test_run.stdout
 
 
 def test_wide_sources_are_pictured_at_half_resolution():
     frame, labels = np.zeros((100, 1400, 3), np.uint8), np.zeros((100, 1400), np.uint8)
-    picture = P.visualisation(frame, labels, labels)
-    assert picture.shape == (P.TITLE_HEIGHT + 50 + P.LEGEND_ROW_HEIGHT, 3 * 700, 3)
+    picture = plots.visualisation(frame, labels, labels)
+    assert picture.shape == (plots.TITLE_HEIGHT + 50 + plots.LEGEND_ROW_HEIGHT, 3 * 700, 3)
 
 
 def test_metrics_json_is_the_official_score_of_the_written_predictions(test_run, trained_model, release):
@@ -118,22 +163,32 @@ def test_metrics_json_is_the_official_score_of_the_written_predictions(test_run,
     assert metrics["inference"]["tta"] == "none" and metrics["frames"] == 6 and metrics["missing"] == []
     assert set(metrics["videos"]) == {"video_41", "video_42"}
 
-    floor = summarize({video: [frame_scores(np.zeros_like(truth), truth) for truth in
-                               (D.read_mask(p) for p in sorted((release / "test" / video / "segmentation").glob("*.png")))]
-                       for video in ("video_41", "video_42")})
+    floor = summarize(
+        {
+            video: [
+                frame_scores(np.zeros_like(truth), truth)
+                for truth in (
+                    dataset.read_mask(p) for p in sorted((release / "test" / video / "segmentation").glob("*.png"))
+                )
+            ]
+            for video in ("video_41", "video_42")
+        }
+    )
     assert metrics["background_only"] == {key: floor[key] for key in ("mIoU", "mNSD", "score")}
 
     with open(output / "per_class.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [row["class"] for row in rows] == list(D.CLASS_NAMES[1:])
+    assert [row["class"] for row in rows] == list(dataset.CLASS_NAMES[1:])
     assert float(rows[4]["IoU"]) == pytest.approx(metrics["classes"]["thread"]["IoU"], abs=1e-6)
     assert cv2.imread(str(output / "confusion_matrix.png")) is not None
     for text in ("thread *", "suturing needle *", f"official score {metrics['score']:.4f}", "background everywhere"):
         assert text in test_run.stdout
 
     assert 0 <= metrics["seed_mIoU"] <= 1 and "not the official score" in metrics["seed_mIoU_note"]
-    assert (f"seed mIoU {metrics['seed_mIoU']:.4f} (the design we start from's own metric, not the official score; "
-            "its published 0.687 is this number)") in test_run.stdout
+    assert (
+        f"seed mIoU {metrics['seed_mIoU']:.4f} (the design we start from's own metric, not the official score; "
+        "its published 0.687 is this number)"
+    ) in test_run.stdout
 
 
 def test_eval_only_rescores_the_predictions_without_the_model(test_run, trained_model, release, tmp_path):
@@ -154,8 +209,17 @@ def test_eval_only_rescores_the_predictions_without_the_model(test_run, trained_
 def test_predictions_directory_scores_any_folder_without_a_model(release, tmp_path, capsys):
     perfect = tmp_path / "perfect"
     shutil.copytree(release / "test", perfect, ignore=shutil.ignore_patterns("frames", "*.avi", "*.txt"))
-    assert infer("--data-directory", release, "--model-directory", tmp_path / "nothing-here",
-                 "--predictions-directory", perfect) == 0
+    assert (
+        infer(
+            "--data-directory",
+            release,
+            "--model-directory",
+            tmp_path / "nothing-here",
+            "--predictions-directory",
+            perfect,
+        )
+        == 0
+    )
     metrics = json.loads((perfect / "metrics.json").read_text())
     assert metrics["mIoU"] == metrics["mNSD"] == metrics["score"] == metrics["seed_mIoU"] == 1.0
     assert metrics["model_directory"] is None and metrics["inference"] is None
@@ -175,10 +239,13 @@ def test_no_instrument_in_any_frame_writes_a_null_seed_miou(tmp_path, capsys):
     assert "seed mIoU n/a (no frame has an instrument)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda labels: labels[::2, ::2], "size 64x48, ground truth is 128x96"),
-    (lambda labels: np.full_like(labels, 12), "value 12 above 9"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda labels: labels[::2, ::2], "size 64x48, ground truth is 128x96"),
+        (lambda labels: np.full_like(labels, 12), "value 12 above 9"),
+    ],
+)
 def test_a_bad_prediction_stops_with_one_line_and_no_metrics(release, tmp_path, capsys, damage, message):
     predictions = tmp_path / "predictions"
     shutil.copytree(release / "test", predictions, ignore=shutil.ignore_patterns("frames", "*.avi", "*.txt"))
@@ -196,14 +263,21 @@ def test_a_missing_prediction_scores_zero_and_is_listed(release, tmp_path, capsy
     assert infer("--data-directory", release, "--predictions-directory", predictions) == 0
     metrics = json.loads((predictions / "metrics.json").read_text())
     assert metrics["missing"] == ["video_42/segmentation/000000060.png"]
-    assert metrics["videos"]["video_42"]["mIoU"] == pytest.approx(2 / 3) and metrics["videos"]["video_41"]["mIoU"] == 1.0
-    assert "1 ground-truth masks have no prediction and score 0: video_42/segmentation/000000060.png" in capsys.readouterr().err
+    assert (
+        metrics["videos"]["video_42"]["mIoU"] == pytest.approx(2 / 3) and metrics["videos"]["video_41"]["mIoU"] == 1.0
+    )
+    assert (
+        "1 ground-truth masks have no prediction and score 0: video_42/segmentation/000000060.png"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_directory_that_is_not_a_model_is_one_clear_line(release, tmp_path, capsys):
     assert infer("--data-directory", release, "--model-directory", tmp_path) == 1
-    assert capsys.readouterr().err == (f"error: {tmp_path} is not a trained model directory (it has no config.json): "
-                                       "pass the --output-directory of run_training.py\n")
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path} is not a trained model directory (it has no config.json): "
+        "pass the --output-directory of run_training.py\n"
+    )
     assert list(tmp_path.iterdir()) == []  # nothing written into it
 
 
@@ -219,7 +293,8 @@ def test_no_data_points_at_data_preparation_and_the_demo(trained_model, tmp_path
     assert infer("--data-directory", tmp_path / "sarrarp", "--model-directory", trained_model) == 1
     assert capsys.readouterr().err == (
         f"error: no test videos in {tmp_path / 'sarrarp' / 'test'}: see 'Data preparation' in README.md, "
-        "or try the built-in demo first: bash scripts/demo.sh\n")
+        "or try the built-in demo first: bash scripts/demo.sh\n"
+    )
 
 
 def test_split_val_predicts_and_scores_exactly_the_validation_videos(options_run):
@@ -236,36 +311,43 @@ def test_test_time_options_run_and_all_frames_adds_the_unlabelled_ones(options_r
     metrics = json.loads((model / "inference" / "metrics.json").read_text())
     backbone = json.loads((model / "config.json").read_text())["backbone"]
     assert metrics["inference"] == {
-        "backbone": backbone, "split": "val", "tta": "flip", "tta_scales": [1.0], "min_component_size": 20,
-        "all_frames": True, "precision": "fp32",
-        "members": [{"model_directory": str(model), "backbone": backbone, "head": "mlp", "resolution": "quarter"}]}
+        "backbone": backbone,
+        "split": "val",
+        "tta": "flip",
+        "tta_scales": [1.0],
+        "min_component_size": 20,
+        "all_frames": True,
+        "precision": "fp32",
+        "members": [{"model_directory": str(model), "backbone": backbone, "head": "mlp", "resolution": "quarter"}],
+    }
     video = json.loads((model / "split.json").read_text())["val"][0]
     names = sorted(p.name for p in (data / "train" / video / "frames").glob("*.png"))
     assert "000000030.png" in names
     predictions = model / "inference" / video
     assert sorted(p.name for p in (predictions / "segmentation").glob("*.png")) == names
-    source = D.read_mask(data / "train" / video / "segmentation" / "000000000.png").shape
+    source = dataset.read_mask(data / "train" / video / "segmentation" / "000000000.png").shape
     assert all(read_label_png(p).shape == source for p in (predictions / "segmentation").glob("*.png"))
     assert not (predictions / "visualisations" / "000000030.png").exists()  # pictures only where there is truth
 
 
 def test_small_components_take_the_label_around_them():
     labels = np.zeros((40, 40), np.uint8)
-    labels[5:25, 5:25] = 3       # a tool shaft, kept
-    labels[10:12, 10:12] = 5     # a 4-pixel thread blob inside it -> shaft
-    labels[30:32, 30:33] = 4     # a 6-pixel needle blob on background -> background
-    labels[30:40, 0:3] = 5       # a 30-pixel thread touching the image border, kept
-    labels[0, 39] = 9            # a 1-pixel catheter blob in the corner -> background
-    cleaned = run_inference.remove_small_components(labels, min_size=10)
+    labels[5:25, 5:25] = 3  # a tool shaft, kept
+    labels[10:12, 10:12] = 5  # a 4-pixel thread blob inside it -> shaft
+    labels[30:32, 30:33] = 4  # a 6-pixel needle blob on background -> background
+    labels[30:40, 0:3] = 5  # a 30-pixel thread touching the image border, kept
+    labels[0, 39] = 9  # a 1-pixel catheter blob in the corner -> background
+    cleaned = inference.remove_small_components(labels, min_size=10)
     expected = labels.copy()
     expected[10:12, 10:12] = 3
     expected[30:32, 30:33] = 0
     expected[0, 39] = 0
     np.testing.assert_array_equal(cleaned, expected)
-    np.testing.assert_array_equal(run_inference.remove_small_components(labels, min_size=0), labels)
+    np.testing.assert_array_equal(inference.remove_small_components(labels, min_size=0), labels)
 
 
 # ----------------------------------------------------------------------------- the error-analysis report
+
 
 class Page(HTMLParser):
     """What a test reads of report.html: its text, its links, and its frame lists {(class, list): [video/frame]}."""
@@ -298,24 +380,29 @@ def test_per_frame_scores_average_frame_video_dataset_back_to_metrics_json(test_
     assert len(rows) == metrics["frames"] and {row["video"] for row in rows} == set(metrics["videos"])
     for name, scores in metrics["classes"].items():
         for metric in ("IoU", "NSD"):
-            per_video = [np.mean([float(r[f"{metric} {name}"]) for r in rows if r["video"] == video])
-                         for video in metrics["videos"]]
+            per_video = [
+                np.mean([float(r[f"{metric} {name}"]) for r in rows if r["video"] == video])
+                for video in metrics["videos"]
+            ]
             assert np.mean(per_video) == scores[metric], (name, metric)
     for video, scores in metrics["videos"].items():
         frames = [r for r in rows if r["video"] == video]
         assert len(frames) == scores["frames"]
         assert np.mean([np.mean([float(r[f"IoU {n}"]) for r in frames]) for n in metrics["classes"]]) == pytest.approx(
-            scores["mIoU"], abs=1e-12)
+            scores["mIoU"], abs=1e-12
+        )
 
 
 def test_the_report_lists_every_class_and_links_only_to_files_that_exist(test_run, trained_model):
     output = trained_model / "inference"
     page = Page((output / "report.html").read_text())
     text = " ".join(page.text)
-    assert all(name in text for name in D.CLASS_NAMES[1:])
+    assert all(name in text for name in dataset.CLASS_NAMES[1:])
     assert f"{json.loads((output / 'metrics.json').read_text())['score']:.4f}" in text
     assert page.links and not any("://" in link for link in page.links)  # relative: nothing from the network
-    assert all((output / link).is_file() for link in page.links), [l for l in page.links if not (output / l).is_file()]
+    assert all((output / link).is_file() for link in page.links), [
+        link for link in page.links if not (output / link).is_file()
+    ]
     assert {"confusion_matrix.png", "per_class_scores.png", "per_video_scores.png", "per_frame.csv"} <= set(page.links)
     assert "<script" not in (output / "report.html").read_text()
     assert "report.html" in test_run.stdout
@@ -324,7 +411,7 @@ def test_the_report_lists_every_class_and_links_only_to_files_that_exist(test_ru
 def test_the_reports_worst_frames_are_those_of_per_frame_csv(test_run, trained_model):
     output = trained_model / "inference"
     rows, page = per_frame_rows(output), Page((output / "report.html").read_text())
-    for name in D.CLASS_NAMES[1:]:
+    for name in dataset.CLASS_NAMES[1:]:
         for metric in ("IoU", "NSD"):
             failing = [r for r in rows if float(r[f"{metric} {name}"]) < 1]
             worst = sorted(failing, key=lambda r: (float(r[f"{metric} {name}"]), r["video"], r["frame"]))[:4]
@@ -336,11 +423,11 @@ def test_the_reports_worst_frames_are_those_of_per_frame_csv(test_run, trained_m
 
 
 def test_a_false_positive_is_a_class_predicted_where_the_ground_truth_has_none():
-    confusion = np.zeros((D.NUM_CLASSES, D.NUM_CLASSES), np.int64)
-    confusion[0, 5] = 30   # 30 background pixels predicted as thread, no thread in the ground truth
+    confusion = np.zeros((dataset.NUM_CLASSES, dataset.NUM_CLASSES), np.int64)
+    confusion[0, 5] = 30  # 30 background pixels predicted as thread, no thread in the ground truth
     confusion[3, 3] = 100  # shaft, right
-    confusion[3, 4] = 7    # shaft predicted as needle, no needle in the ground truth
-    confusion[2, 1] = 9    # wrist predicted as clasper, but the ground truth has clasper pixels too
+    confusion[3, 4] = 7  # shaft predicted as needle, no needle in the ground truth
+    confusion[2, 1] = 9  # wrist predicted as clasper, but the ground truth has clasper pixels too
     confusion[1, 1] = 1
     assert false_positive_pixels(confusion).tolist() == [0, 0, 0, 7, 30, 0, 0, 0, 0]
 
@@ -349,7 +436,12 @@ def test_the_report_renders_in_headless_chromium(test_run, trained_model, tmp_pa
     if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
         pytest.skip("no Chromium installed (apt-get install chromium)")
     screenshot = tmp_path / "report.png"
-    run_script("bash", ROOT / "scripts" / "screenshot_report.sh", trained_model / "inference" / "report.html",
-               screenshot, "1200,1600")
+    run_script(
+        "bash",
+        ROOT / "scripts" / "screenshot_report.sh",
+        trained_model / "inference" / "report.html",
+        screenshot,
+        "1200,1600",
+    )
     picture = cv2.imread(str(screenshot))
     assert picture.shape == (1600, 1200, 3) and picture.std() > 10  # a page with content, not a blank or error page

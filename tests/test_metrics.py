@@ -9,8 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from metrics import (PredictionError, confusion_matrix, evaluate_directories, frame_record, frame_scores,
-                     read_label_png, reference_frame_scores, summarize)
+from metrics import (
+    PredictionError,
+    confusion_matrix,
+    evaluate_directories,
+    frame_record,
+    frame_scores,
+    read_label_png,
+    reference_frame_scores,
+    summarize,
+)
 
 BOTH = [frame_scores, reference_frame_scores]  # every rule holds for the fast and the straightforward version
 
@@ -28,18 +36,26 @@ def write_png(path, labels):
 
 def write_palette_png(path, labels):
     """A colour-type-3 PNG; OpenCV can only write greyscale or colour ones."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     height, width = labels.shape
     rows = b"".join(b"\x00" + row.tobytes() for row in labels.astype(np.uint8))
     palette = bytes(np.arange(256, dtype=np.uint8).repeat(3))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
-                     + chunk(b"PLTE", palette) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0))
+        + chunk(b"PLTE", palette)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
 # -----------------------------------------------------------------------------
 # one frame
+
 
 @pytest.mark.parametrize("scores_fn", BOTH)
 def test_a_class_in_neither_mask_scores_one_on_both_metrics(scores_fn):
@@ -85,8 +101,9 @@ def test_pixels_on_the_image_border_are_boundary(scores_fn):
 
 
 @pytest.mark.parametrize("scores_fn", BOTH)
-@pytest.mark.parametrize("offset, counts", [((6, 8), True), ((0, 10), True), ((10, 0), True),
-                                            ((1, 10), False), ((7, 8), False)])
+@pytest.mark.parametrize(
+    "offset, counts", [((6, 8), True), ((0, 10), True), ((10, 0), True), ((1, 10), False), ((7, 8), False)]
+)
 def test_a_boundary_pixel_counts_up_to_distance_tau_inclusive(scores_fn, offset, counts):
     # single pixels: (6, 8) and (0, 10) are exactly 10 away; (1, 10) is 10.05 and (7, 8) 10.63 away
     ground_truth = np.zeros((30, 40), np.uint8)
@@ -133,7 +150,7 @@ def random_scene(rng, shape=(200, 300)):
         axes = (int(rng.integers(1, 60)), int(rng.integers(1, 40)))
         cv2.ellipse(labels, centre, axes, float(rng.uniform(0, 180)), 0, 360, c, -1)
     corner = int(rng.integers(1, 10))
-    labels[:int(rng.integers(1, 4)), -int(rng.integers(1, 4)):] = corner  # a few pixels in the top-right corner
+    labels[: int(rng.integers(1, 4)), -int(rng.integers(1, 4)) :] = corner  # a few pixels in the top-right corner
     points = rng.integers(0, (width, height), size=(4, 2)).astype(np.int32)
     cv2.polylines(labels, [points], False, int(rng.integers(1, 10)), int(rng.integers(1, 3)))
     return labels
@@ -157,8 +174,10 @@ def test_the_fast_version_equals_the_straightforward_one(tolerance):
     for _ in range(15):
         ground_truth = random_scene(rng)
         prediction = perturbed(rng, ground_truth) if rng.random() < 0.8 else random_scene(rng)
-        fast, reference = frame_scores(prediction, ground_truth, tolerance), \
-            reference_frame_scores(prediction, ground_truth, tolerance)
+        fast, reference = (
+            frame_scores(prediction, ground_truth, tolerance),
+            reference_frame_scores(prediction, ground_truth, tolerance),
+        )
         np.testing.assert_allclose(fast[0], reference[0], rtol=0, atol=1e-6)
         np.testing.assert_allclose(fast[1], reference[1], rtol=0, atol=1e-6)
 
@@ -183,9 +202,7 @@ def test_masks_of_different_shapes_are_refused():
 def test_confusion_matrix_rows_are_ground_truth_columns_prediction():
     ground_truth = np.array([[0, 1], [1, 2]], np.uint8)
     prediction = np.array([[0, 1], [2, 2]], np.uint8)
-    expected = [[1, 0, 0],
-                [0, 1, 1],
-                [0, 0, 1]]
+    expected = [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
     matrix = confusion_matrix(prediction, ground_truth, num_classes=3)
     assert matrix.dtype == np.int64 and matrix.tolist() == expected
     assert confusion_matrix(prediction, ground_truth).shape == (10, 10)
@@ -193,6 +210,7 @@ def test_confusion_matrix_rows_are_ground_truth_columns_prediction():
 
 # -----------------------------------------------------------------------------
 # frames -> videos -> dataset
+
 
 def frames(iou, nsd, count=1):
     return [(np.full(9, float(iou)), np.full(9, float(nsd)))] * count
@@ -231,6 +249,7 @@ def test_summarize_adds_no_seed_miou_unless_every_frame_says_which_classes_it_ha
 # -----------------------------------------------------------------------------
 # the seed pipeline's own mIoU: NOT the official score, reported beside it
 
+
 def pair(prediction, ground_truth):
     return np.array(prediction, np.uint8), np.array(ground_truth, np.uint8)
 
@@ -241,21 +260,11 @@ NO_INSTRUMENT = pair(np.zeros((3, 3)), np.zeros((3, 3)))
 SEED_FRAMES = {  # video -> [((prediction, ground truth), seed pipeline's frame value, official frame mIoU)]
     "video_01": [
         # class 1: IoU 2/4; class 9, only predicted: 0, counts; classes 2-8, in neither: skipped (official: 1.0 each)
-        (pair([[1, 1, 0],
-               [0, 0, 0],
-               [0, 0, 9]], [[1, 1, 0],
-                            [1, 1, 0],
-                            [0, 0, 0]]), (0.5 + 0) / 2, (0.5 + 0 + 7) / 9),
+        (pair([[1, 1, 0], [0, 0, 0], [0, 0, 9]], [[1, 1, 0], [1, 1, 0], [0, 0, 0]]), (0.5 + 0) / 2, (0.5 + 0 + 7) / 9),
         (NO_INSTRUMENT, np.nan, 1.0),  # no instrument in either: skipped (official: 1.0)
         (pair(np.full((3, 3), 3), np.full((3, 3), 3)), 1.0, 1.0),  # perfect
     ],
-    "video_02": [
-        (pair([[2, 0, 0],
-               [2, 0, 0],
-               [0, 0, 0]], [[2, 2, 0],
-                            [2, 2, 0],
-                            [0, 0, 0]]), 0.5, (0.5 + 8) / 9),
-    ],
+    "video_02": [(pair([[2, 0, 0], [2, 0, 0], [0, 0, 0]], [[2, 2, 0], [2, 2, 0], [0, 0, 0]]), 0.5, (0.5 + 8) / 9)],
 }
 
 
@@ -281,8 +290,9 @@ def test_the_seed_miou_leaves_the_official_score_exactly_as_it_was():
     with_presence = summarize(seed_records())
     official = summarize({video: [(iou, nsd) for iou, nsd, _ in records] for video, records in seed_records().items()})
     assert {key: value for key, value in with_presence.items() if key != "seed_mIoU"} == official
-    assert official == summarize({video: [frame_scores(*masks) for masks, _, _ in rows]
-                                  for video, rows in SEED_FRAMES.items()})
+    assert official == summarize(
+        {video: [frame_scores(*masks) for masks, _, _ in rows] for video, rows in SEED_FRAMES.items()}
+    )
 
 
 def test_the_seed_miou_is_nan_when_no_frame_has_an_instrument():
@@ -291,6 +301,7 @@ def test_the_seed_miou_is_nan_when_no_frame_has_an_instrument():
 
 # -----------------------------------------------------------------------------
 # directories on disk
+
 
 @pytest.fixture
 def ground_truth_dir(tmp_path):
@@ -313,8 +324,10 @@ def test_a_missing_prediction_scores_zero_and_is_listed(ground_truth_dir, tmp_pa
             write_png(predictions / path.relative_to(ground_truth_dir), read_label_png(path))  # perfect
     result = evaluate_directories(ground_truth_dir, predictions, workers=workers, progress=False)
     assert result["missing"] == ["video_01/segmentation/000000060.png"]
-    assert result["videos"] == {"video_01": {"mIoU": 0.5, "mNSD": 0.5, "frames": 2},
-                                "video_02": {"mIoU": 1.0, "mNSD": 1.0, "frames": 1}}
+    assert result["videos"] == {
+        "video_01": {"mIoU": 0.5, "mNSD": 0.5, "frames": 2},
+        "video_02": {"mIoU": 1.0, "mNSD": 1.0, "frames": 1},
+    }
     assert result["mIoU"] == result["mNSD"] == result["score"] == pytest.approx(0.75)
     assert result["seed_mIoU"] == pytest.approx((0 + 1 + 1) / 3)  # the missing frame scores 0 here too; frames pooled
     assert result["frames"] == 3
@@ -336,12 +349,15 @@ def test_a_label_png_reads_as_class_ids(tmp_path):
     np.testing.assert_array_equal(read_label_png(write_png(tmp_path / "ok.png", labels)), labels)
 
 
-@pytest.mark.parametrize("name, image, problem", [
-    ("above_9.png", np.full((4, 4), 10, np.uint8), "value 10"),
-    ("ignore_255.png", np.full((4, 4), 255, np.uint8), "value 255"),
-    ("sixteen_bit.png", np.zeros((4, 4), np.uint16), "16-bit"),
-    ("colour.png", np.zeros((4, 4, 3), np.uint8), "colour type 2"),
-])
+@pytest.mark.parametrize(
+    "name, image, problem",
+    [
+        ("above_9.png", np.full((4, 4), 10, np.uint8), "value 10"),
+        ("ignore_255.png", np.full((4, 4), 255, np.uint8), "value 255"),
+        ("sixteen_bit.png", np.zeros((4, 4), np.uint16), "16-bit"),
+        ("colour.png", np.zeros((4, 4, 3), np.uint8), "colour type 2"),
+    ],
+)
 def test_a_bad_label_png_is_an_error_naming_the_file(tmp_path, name, image, problem):
     path = write_png(tmp_path / name, image)
     with pytest.raises(PredictionError, match=f"{name}.*{problem}"):

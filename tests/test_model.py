@@ -15,14 +15,13 @@ from huggingface_hub.errors import GatedRepoError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-import model as model_module  # noqa: E402
+import hub  # noqa: E402
+from backbone_files import backbone_normalization, load_backbone  # noqa: E402
 from dataset import IGNORE_INDEX, NUM_CLASSES, PATCH_SIZE  # noqa: E402
+from hub import DEFAULT_BACKBONE, BackboneError, resolve_hf_token  # noqa: E402
 from losses import weighted_cross_entropy  # noqa: E402
 from make_tiny_backbone import save_tiny_backbone  # noqa: E402
-from model import (  # noqa: E402
-    DEFAULT_BACKBONE, BackboneError, backbone_normalization, build_model, count_parameters, load_backbone,
-    load_trainable_weights, resolve_hf_token, save_trainable_weights,
-)
+from model import build_model, count_parameters, load_trainable_weights, save_trainable_weights  # noqa: E402
 
 SECRET = "hf_notARealTokenButSecret123"
 
@@ -107,7 +106,12 @@ def test_only_lora_and_head_are_trainable(backbone_dir):
     model = make_model(backbone_dir)
     trainable_names = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable_names and all("lora_" in name or name.startswith("head.") for name in trainable_names)
-    assert {name.split(".")[-4] for name in trainable_names if "lora_" in name} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {name.split(".")[-4] for name in trainable_names if "lora_" in name} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    }
     trainable, total = count_parameters(model)
     assert trainable == sum(p.numel() for name, p in model.named_parameters() if name in trainable_names)
     assert 0 < trainable < total
@@ -218,17 +222,19 @@ def test_hub_id_offline_with_empty_cache_raises_quickly(tmp_path, monkeypatch):
 
 def test_gated_repo_message_names_the_fix_and_hides_the_token(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(model_module, "_hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "offline", lambda: False)
 
     def refuse(url, **kwargs):
         raise GatedRepoError("403 gated", response=httpx2.Response(403, request=httpx2.Request("HEAD", url)))
 
-    monkeypatch.setattr(model_module, "get_hf_file_metadata", refuse)
+    monkeypatch.setattr(hub, "get_hf_file_metadata", refuse)
     with pytest.raises(BackboneError) as error:
         load_backbone(DEFAULT_BACKBONE, token=SECRET)
     message = str(error.value)
-    assert message.startswith(f"{DEFAULT_BACKBONE} is gated and your token has not been granted access: accept "
-                              f"its licence at https://huggingface.co/{DEFAULT_BACKBONE}")
+    assert message.startswith(
+        f"{DEFAULT_BACKBONE} is gated and your token has not been granted access: accept "
+        f"its licence at https://huggingface.co/{DEFAULT_BACKBONE}"
+    )
     assert SECRET not in message
 
 

@@ -1,4 +1,5 @@
 """Issue 6 options: the multi-layer head, full resolution and the ce+dice loss (the ablation grid: test_ablate.py)."""
+
 import json
 import shutil
 
@@ -23,8 +24,24 @@ def release(demo_release, tmp_path_factory):
 
 
 def training_args(release, backbone, output, *extra):
-    return [ROOT / "run_training.py", "--data-directory", release, "--backbone", backbone, "--output-directory", output,
-            "--batch-size", "4", "--num-workers", "0", "--warmup-steps", "1", "--log-every", "1", *extra]
+    return [
+        ROOT / "run_training.py",
+        "--data-directory",
+        release,
+        "--backbone",
+        backbone,
+        "--output-directory",
+        output,
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--warmup-steps",
+        "1",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def records(output):
@@ -34,9 +51,29 @@ def records(output):
 @pytest.fixture(scope="module")
 def multilayer_run(learnable_release, backbone, tmp_path_factory):
     output = tmp_path_factory.mktemp("multilayer") / "run"
-    result = run_script(*training_args(learnable_release, backbone, output, "--head", "multilayer",
-                                       "--resolution", "full", "--max-steps", "100", "--val-every", "100",
-                                       "--batch-size", "8", "--warmup-steps", "5", "--lr", "1e-3", "--head-lr", "3e-3"))
+    result = run_script(
+        *training_args(
+            learnable_release,
+            backbone,
+            output,
+            "--head",
+            "multilayer",
+            "--resolution",
+            "full",
+            "--max-steps",
+            "100",
+            "--val-every",
+            "100",
+            "--batch-size",
+            "8",
+            "--warmup-steps",
+            "5",
+            "--lr",
+            "1e-3",
+            "--head-lr",
+            "3e-3",
+        )
+    )
     return result, output
 
 
@@ -69,7 +106,8 @@ def test_a_bad_feature_layer_on_the_command_line_is_one_line(release, backbone, 
     arguments = training_args(release, backbone, tmp_path / "run", "--head", "multilayer", "--feature-layers", "2,7")
     assert run_training.main([str(a) for a in arguments[1:]]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (  # above it: transformers' loading progress
-        "error: feature layers [2, 7] do not fit this 4-layer backbone: give distinct 1-based layer indices from 1 to 4")
+        "error: feature layers [2, 7] do not fit this 4-layer backbone: give distinct 1-based layer indices from 1 to 4"
+    )
 
 
 def test_the_multilayer_head_learns_the_demo_data_and_records_its_settings(multilayer_run, learnable_release):
@@ -89,16 +127,46 @@ def test_a_multilayer_checkpoint_reloads_in_run_inference_without_extra_flags(mu
     _, output = multilayer_run
     model, config = load_trained_model(output)
     assert isinstance(model.head, MultiLayerHead) and config["head"]["type"] == "multilayer"
-    assert run_inference.main(["--data-directory", str(learnable_release), "--model-directory", str(output), "--split", "val",
-                               "--batch-size", "4", "--num-workers", "0"]) == 0
+    assert (
+        run_inference.main(
+            [
+                "--data-directory",
+                str(learnable_release),
+                "--model-directory",
+                str(output),
+                "--split",
+                "val",
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((output / "inference" / "metrics.json").read_text())
     assert scores["frames"] == 6 * len(json.loads((output / "split.json").read_text())["val"])
 
 
 def test_full_resolution_trains_a_step_with_the_multilayer_head_and_dice(release, backbone, tmp_path):
     output = tmp_path / "full"
-    arguments = training_args(release, backbone, output, "--resolution", "full", "--max-steps", "1",
-                              "--head", "multilayer", "--head-width", "32", "--loss", "ce+dice", "--dice-weight", "0.5")
+    arguments = training_args(
+        release,
+        backbone,
+        output,
+        "--resolution",
+        "full",
+        "--max-steps",
+        "1",
+        "--head",
+        "multilayer",
+        "--head-width",
+        "32",
+        "--loss",
+        "ce+dice",
+        "--dice-weight",
+        "0.5",
+    )
     assert run_training.main([str(a) for a in arguments[1:]]) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["resolution"]["content_size"] == [96, 128] and config["resolution"]["padded_size"] == [96, 128]
@@ -141,7 +209,7 @@ def test_dice_counts_a_class_that_is_only_predicted_and_is_zero_on_background_on
     target = torch.zeros(1, 1, 2, dtype=torch.long)
     assert soft_dice_loss(logits_of(probabilities), target).item() == pytest.approx(1.0, abs=1e-6)
     background = torch.zeros(1, 1, 2, dtype=torch.long)
-    empty = soft_dice_loss(logits_of(F.one_hot(background, NUM_CLASSES).permute(0, 3, 1, 2).float()).requires_grad_(),
-                           background)
+    empty = soft_dice_loss(
+        logits_of(F.one_hot(background, NUM_CLASSES).permute(0, 3, 1, 2).float()).requires_grad_(), background
+    )
     assert empty.item() == 0.0 and empty.requires_grad
-

@@ -1,5 +1,6 @@
 """The design we start from, reproducible: its pixel MLP head, backbone training modes, the DINOv3 family by short
 name, its optimiser and loss settings, recipes in files, and model directories of earlier versions."""
+
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model as M
+import backbone_files
+import hub
+import losses
+import model as model_module
 import run_training
 from conftest import ROOT, run_script
 from make_tiny_backbone import save_tiny_backbone
@@ -19,10 +23,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def tiny_model(backbone, seed=0, **settings):
     torch.manual_seed(seed)
-    return M.build_model(str(backbone), **settings)
+    return model_module.build_model(str(backbone), **settings)
 
 
 # ----------------------------------------------------------------------------- the seed's head
+
 
 def test_the_seed_head_gives_every_pixel_of_a_patch_its_own_logits(backbone):
     model = tiny_model(backbone).eval()  # the default head is the seed's
@@ -53,7 +58,7 @@ def test_the_per_patch_head_keeps_its_own_name(backbone):
 
 def test_an_earlier_versions_model_directory_loads_and_predicts_unchanged(backbone):
     """tests/fixtures/model-v1: written by the version whose "mlp" was the per-patch head, with its predictions."""
-    model, config = M.load_trained_model(FIXTURES / "model-v1", backbone=str(backbone))
+    model, config = model_module.load_trained_model(FIXTURES / "model-v1", backbone=str(backbone))
     assert "config_version" not in config and model.head_config["type"] == "patch-mlp"
     expected = load_file(FIXTURES / "model-v1" / "expected_logits.safetensors")
     with torch.no_grad():
@@ -63,12 +68,13 @@ def test_an_earlier_versions_model_directory_loads_and_predicts_unchanged(backbo
 
 # ----------------------------------------------------------------------------- backbone family and dtype
 
+
 def test_short_names_expand_to_the_released_hub_ids_and_unknown_ones_list_the_known():
-    assert M.resolve_backbone("vitl16") == "facebook/dinov3-vitl16-pretrain-lvd1689m"
-    assert M.resolve_backbone("vit7b16-sat493m") == "facebook/dinov3-vit7b16-pretrain-sat493m"
-    assert M.resolve_backbone("someone/their-dinov3") == "someone/their-dinov3"
-    with pytest.raises(M.BackboneError, match="unknown backbone 'vitl14'.*vits16, vits16plus, vitb16, vitl16"):
-        M.resolve_backbone("vitl14")
+    assert backbone_files.resolve_backbone("vitl16") == "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    assert backbone_files.resolve_backbone("vit7b16-sat493m") == "facebook/dinov3-vit7b16-pretrain-sat493m"
+    assert backbone_files.resolve_backbone("someone/their-dinov3") == "someone/their-dinov3"
+    with pytest.raises(hub.BackboneError, match="unknown backbone 'vitl14'.*vits16, vits16plus, vitb16, vitl16"):
+        backbone_files.resolve_backbone("vitl14")
 
 
 def test_a_gated_mlp_backbone_trains_with_lora_on_all_linear_layers(tmp_path):
@@ -90,11 +96,12 @@ def test_a_bfloat16_backbone_keeps_trainable_weights_in_float32_and_predicts_clo
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(half(images, (32, 32)), full(images, (32, 32)), rtol=0.1, atol=0.1)
-    with pytest.raises(M.HeadConfigError, match="needs --backbone-dtype float32"):
+    with pytest.raises(model_module.HeadConfigError, match="needs --backbone-dtype float32"):
         tiny_model(backbone, backbone_training="full", backbone_dtype="bfloat16")
 
 
 # ----------------------------------------------------------------------------- training modes, end to end
+
 
 def backbone_weights(run):
     return {k: v for k, v in load_file(run / "last" / "weights.safetensors").items() if not k.startswith("head.")}
@@ -104,33 +111,69 @@ def test_frozen_trains_only_the_head(demo_release, backbone, tmp_path):
     run = tmp_path / "frozen"
     run_script(*training_args(demo_release, backbone, run, "--max-steps", "3", "--backbone-training", "frozen"))
     assert backbone_weights(run) == {}  # no LoRA, no backbone copy
-    model, _ = M.load_trained_model(run, "last")
-    original = M.load_backbone(str(backbone)).state_dict()
+    model, _ = model_module.load_trained_model(run, "last")
+    original = backbone_files.load_backbone(str(backbone)).state_dict()
     for name, tensor in model.vit().state_dict().items():
         assert torch.equal(tensor, original[name]), name  # bit-identical
 
 
 def test_full_changes_the_backbone_and_reloads_for_inference_without_flags(demo_release, backbone, tmp_path):
     run = tmp_path / "full"
-    run_script(*training_args(demo_release, backbone, run, "--max-steps", "3", "--backbone-training", "full",
-                              "--backbone-lr", "1e-3", "--layer-decay", "0.5"))
+    run_script(
+        *training_args(
+            demo_release,
+            backbone,
+            run,
+            "--max-steps",
+            "3",
+            "--backbone-training",
+            "full",
+            "--backbone-lr",
+            "1e-3",
+            "--layer-decay",
+            "0.5",
+        )
+    )
     saved = backbone_weights(run)
-    original = M.load_backbone(str(backbone)).state_dict()
+    original = backbone_files.load_backbone(str(backbone)).state_dict()
     assert "backbone.embeddings.patch_embeddings.weight" in saved
     changed = [k for k, v in saved.items() if not torch.equal(v, original[k.removeprefix("backbone.")])]
     assert len(changed) > len(saved) // 2
-    model, config = M.load_trained_model(run, "last")
+    model, config = model_module.load_trained_model(run, "last")
     assert config["backbone_training"] == "full" and model.backbone_training == "full"
     for name, tensor in saved.items():
         assert torch.equal(model.state_dict()[name], tensor), name
-    predicted = run_script(ROOT / "run_inference.py", "--data-directory", demo_release, "--model-directory", run,
-                           "--checkpoint", "last", "--split", "val", "--num-workers", "0")
+    predicted = run_script(
+        ROOT / "run_inference.py",
+        "--data-directory",
+        demo_release,
+        "--model-directory",
+        run,
+        "--checkpoint",
+        "last",
+        "--split",
+        "val",
+        "--num-workers",
+        "0",
+    )
     assert "official score" in predicted.stdout
 
 
 def test_layer_wise_decay_gives_earlier_layers_smaller_learning_rates(backbone):
-    args = run_training.parse_args(["--backbone-training", "full", "--lr", "1e-3", "--backbone-lr", "1e-2",
-                                    "--layer-decay", "0.5", "--head-lr", "3e-3"])
+    args = run_training.parse_args(
+        [
+            "--backbone-training",
+            "full",
+            "--lr",
+            "1e-3",
+            "--backbone-lr",
+            "1e-2",
+            "--layer-decay",
+            "0.5",
+            "--head-lr",
+            "3e-3",
+        ]
+    )
     groups = run_training.parameter_groups(tiny_model(backbone, backbone_training="full"), args)
     assert groups[0]["lr"] == 3e-3  # the head
     # 4 layers: embeddings (depth 0) 1e-2 * 0.5^4, layer i at 0.5^(4-i-1), final norm at 1e-2
@@ -140,31 +183,65 @@ def test_layer_wise_decay_gives_earlier_layers_smaller_learning_rates(backbone):
 @pytest.mark.parametrize("mode", ["frozen", "full"])  # lora: test_training.py's resume test
 def test_every_mode_resumes_after_a_kill_to_the_same_weights(demo_release, backbone, tmp_path, mode):
     from test_training import kill_and_resume
+
     kill_and_resume(demo_release, backbone, tmp_path, "--backbone-training", mode)
 
 
 # ----------------------------------------------------------------------------- optimisation and early stopping
 
+
 def test_early_stopping_stops_at_the_validation_that_exhausts_the_patience(demo_release, backbone, tmp_path):
     run = tmp_path / "early"
     # Learning rates of 0: the first validation is the best and no later one improves on it.
-    result = run_script(*training_args(demo_release, backbone, run, "--max-steps", "20", "--val-every", "2",
-                                       "--lr", "0", "--head-lr", "0", "--early-stop-patience", "3"))
+    result = run_script(
+        *training_args(
+            demo_release,
+            backbone,
+            run,
+            "--max-steps",
+            "20",
+            "--val-every",
+            "2",
+            "--lr",
+            "0",
+            "--head-lr",
+            "0",
+            "--early-stop-patience",
+            "3",
+        )
+    )
     assert [r["step"] for r in records(run) if "val" in r] == [2, 4, 6, 8]
     stop = [r for r in records(run) if "early_stop" in r]
     assert [r["step"] for r in stop] == [8] and "has not improved for 3 validations" in stop[0]["early_stop"]
     assert "early stop at step 8" in result.stdout
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
-    resumed = run_script(*training_args(demo_release, backbone, run, "--max-steps", "20", "--val-every", "2",
-                                        "--lr", "0", "--head-lr", "0", "--early-stop-patience", "3", "--resume"))
+    resumed = run_script(
+        *training_args(
+            demo_release,
+            backbone,
+            run,
+            "--max-steps",
+            "20",
+            "--val-every",
+            "2",
+            "--lr",
+            "0",
+            "--head-lr",
+            "0",
+            "--early-stop-patience",
+            "3",
+            "--resume",
+        )
+    )
     assert "holds a finished run (step 8)" in resumed.stdout
 
 
-@pytest.mark.parametrize("kind, weights", [("enet", None), ("one-minus-frequency", lambda f: 1 - f), ("none", lambda f: 1.0)])
+@pytest.mark.parametrize(
+    "kind, weights", [("enet", None), ("one-minus-frequency", lambda f: 1 - f), ("none", lambda f: 1.0)]
+)
 def test_class_weight_formulas(kind, weights):
-    import dataset as D
     frequencies = torch.tensor([0.9, 0.09, 0.01, 0.0]).numpy()
-    computed = D.class_weights_from_frequencies(frequencies, kind)
+    computed = losses.class_weights_from_frequencies(frequencies, kind)
     if kind == "enet":
         assert computed[-1] == pytest.approx(50.5, abs=0.01) and computed[0] < computed[1] < computed[2]
     else:
@@ -185,10 +262,13 @@ def test_the_constant_schedule_keeps_the_rate_after_warm_up():
 
 # ----------------------------------------------------------------------------- recipes in files
 
+
 def test_a_config_file_sets_arguments_and_the_command_line_overrides_it(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("lora_rank: 8\nlr: 1.0e-4\nlora-targets: all-linear\ngradient_checkpointing: true\n"
-                      "feature_layers: [2, 4]\nhead: multilayer\n")
+    recipe.write_text(
+        "lora_rank: 8\nlr: 1.0e-4\nlora-targets: all-linear\ngradient_checkpointing: true\n"
+        "feature_layers: [2, 4]\nhead: multilayer\n"
+    )
     args = run_training.parse_args(["--config", str(recipe), "--lr", "3e-4"])
     assert (args.lora_rank, args.lr, args.lora_targets) == (8, 3e-4, ["all-linear"])
     assert args.gradient_checkpointing and args.feature_layers == [2, 4]
@@ -198,11 +278,14 @@ def test_a_config_file_sets_arguments_and_the_command_line_overrides_it(tmp_path
     assert (args.optimizer, args.schedule) == ("adam", "constant")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("lora_rnk: 8\n", "unknown setting 'lora_rnk'"),
-    ("resolution: eighth\n", "argument --resolution: invalid choice: 'eighth'"),
-    ("- just\n- a list\n", "must hold settings as 'name: value' lines"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("lora_rnk: 8\n", "unknown setting 'lora_rnk'"),
+        ("resolution: eighth\n", "argument --resolution: invalid choice: 'eighth'"),
+        ("- just\n- a list\n", "must hold settings as 'name: value' lines"),
+    ],
+)
 def test_a_bad_config_file_is_one_line(tmp_path, content, message):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(content)
@@ -213,15 +296,30 @@ def test_a_bad_config_file_is_one_line(tmp_path, content, message):
 
 def test_the_seed_recipe_holds_every_reference_setting():
     args = run_training.parse_args(["--config", str(ROOT / "recipes" / "seed.yaml")])
-    assert M.resolve_backbone(args.backbone) == "facebook/dinov3-vitl16-pretrain-lvd1689m"
-    assert (args.backbone_training, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets) == \
-        ("lora", 8, 8, 0.1, ["all-linear"])
+    assert backbone_files.resolve_backbone(args.backbone) == "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    assert (args.backbone_training, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets) == (
+        "lora",
+        8,
+        8,
+        0.1,
+        ["all-linear"],
+    )
     assert (args.head, args.head_hidden, args.resolution, args.augmentation) == ("mlp", 2560, "half", "seed")
-    assert (args.optimizer, args.lr, args.head_lr, args.weight_decay, args.schedule, args.warmup_steps) == \
-        ("adam", 1e-4, 1e-4, 0, "constant", 0)
+    assert (args.optimizer, args.lr, args.head_lr, args.weight_decay, args.schedule, args.warmup_steps) == (
+        "adam",
+        1e-4,
+        1e-4,
+        0,
+        "constant",
+        0,
+    )
     assert (args.grad_clip, args.precision, args.batch_size, args.epochs, args.val_every) == (0, "fp32", 6, 20, 500)
-    assert (args.early_stop_patience, args.selection_metric, args.class_weights, args.seed) == \
-        (5, "seed_mIoU", "one-minus-frequency", 645486)
+    assert (args.early_stop_patience, args.selection_metric, args.class_weights, args.seed) == (
+        5,
+        "seed_mIoU",
+        "one-minus-frequency",
+        645486,
+    )
     strong = run_training.parse_args(["--config", str(ROOT / "recipes" / "strong.yaml")])
     assert strong.head == "multilayer" and strong.resolution == "full"
 
@@ -230,9 +328,29 @@ def test_a_recipe_run_saves_its_resolved_settings(demo_release, backbone, tmp_pa
     run = tmp_path / "recipe-run"
     recipe = tmp_path / "recipe.yaml"
     shutil.copy(ROOT / "recipes" / "seed.yaml", recipe)
-    run_script(TRAIN, "--config", recipe, "--data-directory", demo_release, "--backbone", backbone,
-               "--output-directory", run, "--resolution", "quarter", "--batch-size", "2", "--max-steps", "2",
-               "--num-workers", "0", "--head-hidden", "64", "--val-every", "2")
+    run_script(
+        TRAIN,
+        "--config",
+        recipe,
+        "--data-directory",
+        demo_release,
+        "--backbone",
+        backbone,
+        "--output-directory",
+        run,
+        "--resolution",
+        "quarter",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--num-workers",
+        "0",
+        "--head-hidden",
+        "64",
+        "--val-every",
+        "2",
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["arguments"]["config"] == str(recipe) and config["arguments"]["optimizer"] == "adam"
     assert config["lora"]["target_modules"] == ["all-linear"] and config["head"] == {"type": "mlp", "hidden": 64}

@@ -1,5 +1,6 @@
 """--report-to: the tracker gets metrics.jsonl's records as scalars and validation pictures, and a resume does not
 log a step twice."""
+
 import sys
 
 import numpy as np
@@ -14,8 +15,10 @@ def logged(directory):
     applied)."""
     events = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
-    return ({tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]},
-            {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]})
+    return (
+        {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]},
+        {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]},
+    )
 
 
 def train_record(step, loss):
@@ -23,12 +26,28 @@ def train_record(step, loss):
 
 
 def test_validation_records_become_one_scalar_per_metric_class_and_video():
-    record = {"step": 3, "val": {"mIoU": 0.5, "mNSD": 0.6, "score": 0.55, "seed_mIoU": 0.7, "frames": 6,
-                                 "classes": {"thread": {"IoU": 0.1, "NSD": 0.2}},
-                                 "videos": {"video_41": {"mIoU": 0.4, "mNSD": 0.3, "frames": 6}}}}
-    assert tracking.scalars(record) == {"val/mIoU": 0.5, "val/mNSD": 0.6, "val/score": 0.55, "val/seed_mIoU": 0.7,
-                                        "val/IoU/thread": 0.1, "val/NSD/thread": 0.2,
-                                        "val/video_41/mIoU": 0.4, "val/video_41/mNSD": 0.3}
+    record = {
+        "step": 3,
+        "val": {
+            "mIoU": 0.5,
+            "mNSD": 0.6,
+            "score": 0.55,
+            "seed_mIoU": 0.7,
+            "frames": 6,
+            "classes": {"thread": {"IoU": 0.1, "NSD": 0.2}},
+            "videos": {"video_41": {"mIoU": 0.4, "mNSD": 0.3, "frames": 6}},
+        },
+    }
+    assert tracking.scalars(record) == {
+        "val/mIoU": 0.5,
+        "val/mNSD": 0.6,
+        "val/score": 0.55,
+        "val/seed_mIoU": 0.7,
+        "val/IoU/thread": 0.1,
+        "val/NSD/thread": 0.2,
+        "val/video_41/mIoU": 0.4,
+        "val/video_41/mNSD": 0.3,
+    }
     assert tracking.scalars(train_record(3, 1.5))["train/loss"] == 1.5
 
 
@@ -74,7 +93,10 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
         raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop.\nmore detail")
 
     monkeypatch.setattr(wandb, "init", no_network)
-    with pytest.raises(tracking.TrackingError, match=r"^W&B could not start a run \(Network error \(ConnectionError\), "
-                                                     r"entering retry loop.\): run `wandb login`, or set "
-                                                     r"WANDB_MODE=offline to log without a network$"):
+    with pytest.raises(
+        tracking.TrackingError,
+        match=r"^W&B could not start a run \(Network error \(ConnectionError\), "
+        r"entering retry loop.\): run `wandb login`, or set "
+        r"WANDB_MODE=offline to log without a network$",
+    ):
         tracking.open_tracker("wandb", tmp_path, {"lr": 0.1}, None)

@@ -1,4 +1,5 @@
 """Training entry point: outputs, resume, many processes, token hygiene, clear errors."""
+
 import json
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import losses
 import run_training
 from conftest import ROOT, background_scores, run_script
 
@@ -17,9 +19,26 @@ SECRET = "hf_doNotLeakThisTokenAnywhere0123456789"
 
 
 def training_args(release, backbone, output, *extra):
-    return [TRAIN, "--data-directory", release, "--backbone", backbone, "--output-directory", output,
-            "--resolution", "quarter", "--batch-size", "2", "--num-workers", "0", "--warmup-steps", "1",
-            "--log-every", "1", *extra]
+    return [
+        TRAIN,
+        "--data-directory",
+        release,
+        "--backbone",
+        backbone,
+        "--output-directory",
+        output,
+        "--resolution",
+        "quarter",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--warmup-steps",
+        "1",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def records(output):
@@ -28,11 +47,32 @@ def records(output):
 
 def test_a_short_run_writes_every_output_and_the_loss_goes_down(demo_release, backbone, tmp_path):
     output = tmp_path / "run"
-    result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "24", "--val-every", "12",
-                                       "--lr", "1e-3", "--head-lr", "3e-4"))
+    result = run_script(
+        *training_args(
+            demo_release,
+            backbone,
+            output,
+            "--max-steps",
+            "24",
+            "--val-every",
+            "12",
+            "--lr",
+            "1e-3",
+            "--head-lr",
+            "3e-4",
+        )
+    )
     assert "trainable of" in result.stdout and "done: best validation score" in result.stdout
-    for name in ("config.json", "split.json", "class_weights.json", "metrics.jsonl", "training_curves.png",
-                 "checkpoint.pt", "best/weights.safetensors", "last/weights.safetensors"):
+    for name in (
+        "config.json",
+        "split.json",
+        "class_weights.json",
+        "metrics.jsonl",
+        "training_curves.png",
+        "checkpoint.pt",
+        "best/weights.safetensors",
+        "last/weights.safetensors",
+    ):
         assert (output / name).is_file(), name
     config = json.loads((output / "config.json").read_text())
     assert config["backbone"] == str(backbone) and len(config["class_names"]) == 10
@@ -82,17 +122,30 @@ def kill_and_resume(demo_release, backbone, tmp_path, *extra):
 
 def test_a_killed_run_resumes_where_it_stopped_and_ends_with_the_same_weights(demo_release, backbone, tmp_path):
     arguments, interrupted = kill_and_resume(demo_release, backbone, tmp_path)
-    changed = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume", "--batch-size", "4",
-                                        "--lr", "1e-6"), check=False)
+    changed = run_script(
+        *training_args(
+            demo_release, backbone, interrupted, *arguments, "--resume", "--batch-size", "4", "--lr", "1e-6"
+        ),
+        check=False,
+    )
     assert changed.returncode == 1
-    assert changed.stderr.strip() == ("error: --resume continues a run with its own settings, but these changed: "
-                                      "--batch-size 2 -> 4; --lr 0.0002 -> 1e-06")
+    assert changed.stderr.strip() == (
+        "error: --resume continues a run with its own settings, but these changed: "
+        "--batch-size 2 -> 4; --lr 0.0002 -> 1e-06"
+    )
 
 
 def test_two_processes_with_torchrun_train_together_and_only_rank_0_writes(demo_release, backbone, tmp_path):
     output = tmp_path / "ddp"
-    result = run_script(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        *training_args(demo_release, backbone, output, "--max-steps", "4"), env={"OMP_NUM_THREADS": "1"})
+    result = run_script(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        *training_args(demo_release, backbone, output, "--max-steps", "4"),
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert result.stdout.count("done: best validation score") == 1
     assert result.stdout.count("trainable of") == 1
     config = json.loads((output / "config.json").read_text())
@@ -102,16 +155,28 @@ def test_two_processes_with_torchrun_train_together_and_only_rank_0_writes(demo_
     assert validation["frames"] == 3 * len(split["val"])  # every validation frame scored exactly once
     assert sorted(validation["videos"]) == sorted(split["val"])
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        ["best", "last", "checkpoint.pt", "config.json", "split.json", "class_weights.json", "metrics.jsonl",
-         "training_curves.png", ".lock"])  # .lock: the run's hold on its folder
+        [
+            "best",
+            "last",
+            "checkpoint.pt",
+            "config.json",
+            "split.json",
+            "class_weights.json",
+            "metrics.jsonl",
+            "training_curves.png",
+            ".lock",
+        ]
+    )  # .lock: the run's hold on its folder
 
 
 def test_the_token_never_appears_in_output_or_in_any_file_written(demo_release, backbone, tmp_path):
     output = tmp_path / "run"
     token_file = tmp_path / "token.txt"
     token_file.write_text(SECRET)
-    result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "2",
-                                       "--hf-token-file", token_file), env={"HF_TOKEN": SECRET})
+    result = run_script(
+        *training_args(demo_release, backbone, output, "--max-steps", "2", "--hf-token-file", token_file),
+        env={"HF_TOKEN": SECRET},
+    )
     assert SECRET not in result.stdout + result.stderr
     for path in output.rglob("*"):
         if path.is_file():
@@ -119,8 +184,11 @@ def test_the_token_never_appears_in_output_or_in_any_file_written(demo_release, 
 
 
 def test_a_hub_backbone_without_network_fails_fast_with_one_sentence(demo_release, tmp_path):
-    result = run_script(*training_args(demo_release, "facebook/dinov3-vitb16-pretrain-lvd1689m", tmp_path / "run",
-                                       "--max-steps", "1"), check=False, env={"HF_HOME": str(tmp_path / "hf")})
+    result = run_script(
+        *training_args(demo_release, "facebook/dinov3-vitb16-pretrain-lvd1689m", tmp_path / "run", "--max-steps", "1"),
+        check=False,
+        env={"HF_HOME": str(tmp_path / "hf")},
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot reach the Hugging Face hub")
     assert "local --backbone directory" in result.stderr
@@ -129,33 +197,46 @@ def test_a_hub_backbone_without_network_fails_fast_with_one_sentence(demo_releas
 
 def test_tensorboard_follows_a_killed_and_resumed_run_without_a_step_twice(demo_release, backbone, tmp_path):
     from test_tracking import logged
+
     _, interrupted = kill_and_resume(demo_release, backbone, tmp_path, "--report-to", "tensorboard")
     scalars, images = logged(interrupted / "tensorboard")
     losses = [r["loss"] for r in records(interrupted) if "loss" in r]
     assert scalars["train/loss"] == [(step, pytest.approx(loss)) for step, loss in enumerate(losses, 1)]
     assert [step for step, _ in scalars["val/score"]] == [5, 10]
-    assert {"val/mIoU", "val/mNSD", "val/IoU/thread", "val/NSD/suturing needle", "train/lr",
-            "train/images_per_second"} <= set(scalars)
+    assert {
+        "val/mIoU",
+        "val/mNSD",
+        "val/IoU/thread",
+        "val/NSD/suturing needle",
+        "train/lr",
+        "train/images_per_second",
+    } <= set(scalars)
     assert any(name.startswith("val/video_") for name in scalars)
     assert len(images) == run_training.VALIDATION_PICTURES  # the same frames pictured at every validation
     assert all(name.startswith("validation/video_") and steps == [5, 10] for name, steps in images.items())
 
 
-def test_a_missing_tracker_package_stops_the_run_before_it_writes_anything(demo_release, backbone, tmp_path,
-                                                                           monkeypatch, capsys):
+def test_a_missing_tracker_package_stops_the_run_before_it_writes_anything(
+    demo_release, backbone, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # how Python marks a module that cannot be imported
     output = tmp_path / "run"
     arguments = training_args(demo_release, backbone, output, "--max-steps", "1", "--report-to", "tensorboard")[1:]
     assert run_training.main(list(map(str, arguments))) == 1
-    assert capsys.readouterr().err == "error: --report-to tensorboard needs the tensorboard package: pip install tensorboard\n"
+    assert (
+        capsys.readouterr().err
+        == "error: --report-to tensorboard needs the tensorboard package: pip install tensorboard\n"
+    )
     assert not output.exists()
 
 
 def test_without_data_a_newcomer_is_pointed_to_the_data_preparation_and_the_demo(tmp_path):
     result = run_script(TRAIN, check=False, cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip() == ("error: no training videos in sarrarp/train: see 'Data preparation' in "
-                                     "README.md, or try the built-in demo first: bash scripts/demo.sh")
+    assert result.stderr.strip() == (
+        "error: no training videos in sarrarp/train: see 'Data preparation' in "
+        "README.md, or try the built-in demo first: bash scripts/demo.sh"
+    )
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(demo_release, backbone, tmp_path):
@@ -165,16 +246,17 @@ def test_an_existing_run_is_not_overwritten_without_resume(demo_release, backbon
     assert result.returncode == 1 and "pass --resume to continue it" in result.stderr
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo_release, backbone, tmp_path,
-                                                                            monkeypatch, capsys):
-    real_loss, calls = run_training.weighted_cross_entropy, []
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    demo_release, backbone, tmp_path, monkeypatch, capsys
+):
+    real_loss, calls = losses.weighted_cross_entropy, []
 
     def loss_that_explodes_at_step_3(logits, target, weights):
         calls.append(1)
         loss = real_loss(logits, target, weights)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(run_training, "weighted_cross_entropy", loss_that_explodes_at_step_3)
+    monkeypatch.setattr(losses, "weighted_cross_entropy", loss_that_explodes_at_step_3)
     output = tmp_path / "run"
     arguments = training_args(demo_release, backbone, output, "--max-steps", "5", "--checkpoint-every", "1")[1:]
     assert run_training.main(list(map(str, arguments))) == 1
@@ -185,19 +267,44 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo
 
 def test_the_tiny_model_learns_the_demo_data_well_above_predicting_background(learnable_release, backbone, tmp_path):
     output = tmp_path / "run"
-    run_script(TRAIN, "--data-directory", learnable_release, "--backbone", backbone, "--output-directory", output,
-               "--resolution", "full", "--max-steps", "60", "--val-every", "60", "--batch-size", "8",
-               "--num-workers", "0", "--warmup-steps", "5", "--lr", "1e-3", "--head-lr", "3e-4")
+    run_script(
+        TRAIN,
+        "--data-directory",
+        learnable_release,
+        "--backbone",
+        backbone,
+        "--output-directory",
+        output,
+        "--resolution",
+        "full",
+        "--max-steps",
+        "60",
+        "--val-every",
+        "60",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--warmup-steps",
+        "5",
+        "--lr",
+        "1e-3",
+        "--head-lr",
+        "3e-4",
+    )
     validation = [r["val"] for r in records(output) if "val" in r][-1]
     background = background_scores(learnable_release, json.loads((output / "split.json").read_text())["val"])
     assert validation["mIoU"] > background["mIoU"] + 0.05
     assert validation["score"] > background["score"] + 0.1
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["--val-videos", "video_99"], "error: validation videos not found in the data: video_99"),
-    (["--hf-token-file", "no-such-token.txt"], "error: token file no-such-token.txt does not exist"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--val-videos", "video_99"], "error: validation videos not found in the data: video_99"),
+        (["--hf-token-file", "no-such-token.txt"], "error: token file no-such-token.txt does not exist"),
+    ],
+)
 def test_a_run_that_cannot_start_writes_nothing(demo_release, backbone, tmp_path, bad, message):
     output = tmp_path / "run"
     result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "1", *bad), check=False)

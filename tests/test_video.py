@@ -1,4 +1,5 @@
 """run_inference.py --input: any video or folder of images, segmented frame-exactly into an overlay video and masks."""
+
 import json
 import shutil
 import signal
@@ -22,9 +23,27 @@ def model(demo_release, tmp_path_factory):
     """A tiny trained model that has also predicted the test split the release way (extracted frames)."""
     root = tmp_path_factory.mktemp("video_model")
     save_tiny_backbone(root / "tiny-dinov3")
-    run_script(ROOT / "run_training.py", "--data-directory", demo_release, "--output-directory", root / "model",
-               "--backbone", root / "tiny-dinov3", "--max-steps", "3", "--batch-size", "2", "--num-workers", "0",
-               "--resolution", "quarter", "--warmup-steps", "1", "--head", "patch-mlp")
+    run_script(
+        ROOT / "run_training.py",
+        "--data-directory",
+        demo_release,
+        "--output-directory",
+        root / "model",
+        "--backbone",
+        root / "tiny-dinov3",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--resolution",
+        "quarter",
+        "--warmup-steps",
+        "1",
+        "--head",
+        "patch-mlp",
+    )
     assert infer("--data-directory", demo_release, "--model-directory", root / "model", "--num-workers", "0") == 0
     return root / "model"
 
@@ -46,29 +65,79 @@ def mask_indices(folder):
 
 def test_the_overlay_has_every_frame_and_the_masks_are_the_release_paths_predictions(model, demo_release, tmp_path):
     out = tmp_path / "out"
-    assert infer("--model-directory", model, "--input", demo_release / VIDEO, "--output", out, "--save-masks",
-                 "--batch-size", "3") == 0
+    assert (
+        infer(
+            "--model-directory",
+            model,
+            "--input",
+            demo_release / VIDEO,
+            "--output",
+            out,
+            "--save-masks",
+            "--batch-size",
+            "3",
+        )
+        == 0
+    )
     source, source_fps = read_video(demo_release / VIDEO)
     frames, fps = read_video(out / "overlay.mp4")
     assert len(frames) == len(source) == 180 and fps == source_fps == 60 and frames[0].shape == source[0].shape
     assert not np.array_equal(frames[0], source[0])  # the prediction is drawn over it
     assert mask_indices(out / "masks") == list(range(180))
     for index in (0, 60, 120):  # frame i of the video is predicted exactly as the extracted frame i
-        release_path = cv2.imread(str(model / "inference" / "video_41" / "segmentation" / f"{index:09d}.png"), cv2.IMREAD_UNCHANGED)
-        np.testing.assert_array_equal(cv2.imread(str(out / "masks" / f"{index:09d}.png"), cv2.IMREAD_UNCHANGED), release_path)
+        release_path = cv2.imread(
+            str(model / "inference" / "video_41" / "segmentation" / f"{index:09d}.png"), cv2.IMREAD_UNCHANGED
+        )
+        np.testing.assert_array_equal(
+            cv2.imread(str(out / "masks" / f"{index:09d}.png"), cv2.IMREAD_UNCHANGED), release_path
+        )
     record = json.loads((out / "predicted_with.json").read_text())
     assert record["frames"] == [0, 180] and record["fps"] == 60
 
 
 def test_every_start_and_end_choose_the_frames_by_index(model, demo_release, tmp_path):
     out = tmp_path / "out"
-    assert infer("--model-directory", model, "--input", demo_release / VIDEO, "--output", out, "--save-masks",
-                 "--every", "10", "--start", "1", "--end", "2.5") == 0
+    assert (
+        infer(
+            "--model-directory",
+            model,
+            "--input",
+            demo_release / VIDEO,
+            "--output",
+            out,
+            "--save-masks",
+            "--every",
+            "10",
+            "--start",
+            "1",
+            "--end",
+            "2.5",
+        )
+        == 0
+    )
     assert mask_indices(out / "masks") == list(range(60, 150, 10))
     assert len(read_video(out / "overlay.mp4")[0]) == 90
     smoothed = tmp_path / "smoothed"
-    assert infer("--model-directory", model, "--input", demo_release / VIDEO, "--output", smoothed, "--save-masks",
-                 "--every", "10", "--start", "1", "--end", "2.5", "--temporal-smoothing", "0.9") == 0
+    assert (
+        infer(
+            "--model-directory",
+            model,
+            "--input",
+            demo_release / VIDEO,
+            "--output",
+            smoothed,
+            "--save-masks",
+            "--every",
+            "10",
+            "--start",
+            "1",
+            "--end",
+            "2.5",
+            "--temporal-smoothing",
+            "0.9",
+        )
+        == 0
+    )
     first = "000000060.png"  # nothing to smooth with yet
     assert (smoothed / "masks" / first).read_bytes() == (out / "masks" / first).read_bytes()
 
@@ -83,17 +152,25 @@ def test_a_folder_of_images_gets_a_mask_and_an_overlay_each(model, demo_release,
     out = model / "predictions" / "images"
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["000000000.png", "000000060.png", "extra.png"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["000000000.jpg", "000000060.jpg", "extra.jpg"]
-    np.testing.assert_array_equal(cv2.imread(str(out / "masks" / "000000060.png"), cv2.IMREAD_UNCHANGED),
-                                  cv2.imread(str(model / "inference" / "video_41" / "segmentation" / "000000060.png"),
-                                             cv2.IMREAD_UNCHANGED))
+    np.testing.assert_array_equal(
+        cv2.imread(str(out / "masks" / "000000060.png"), cv2.IMREAD_UNCHANGED),
+        cv2.imread(str(model / "inference" / "video_41" / "segmentation" / "000000060.png"), cv2.IMREAD_UNCHANGED),
+    )
 
 
-@pytest.mark.parametrize("make_input, message", [
-    (lambda d: (d / "broken.mp4").write_bytes(b"not a video at all") and d / "broken.mp4", "is not a video OpenCV can read"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "holds no images"),
-    (lambda d: d / "missing.avi", "does not exist"),
-    (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "neither a video"),
-], ids=["unreadable-video", "empty-folder", "missing", "not-a-video"])
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (
+            lambda d: (d / "broken.mp4").write_bytes(b"not a video at all") and d / "broken.mp4",
+            "is not a video OpenCV can read",
+        ),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "holds no images"),
+        (lambda d: d / "missing.avi", "does not exist"),
+        (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", "neither a video"),
+    ],
+    ids=["unreadable-video", "empty-folder", "missing", "not-a-video"],
+)
 def test_bad_input_is_one_line_and_writes_nothing(model, tmp_path, capsys, make_input, message):
     source = make_input(tmp_path)
     assert infer("--model-directory", model, "--input", source, "--output", tmp_path / "out") == 1
@@ -104,8 +181,13 @@ def test_bad_input_is_one_line_and_writes_nothing(model, tmp_path, capsys, make_
 
 def test_an_unwritable_output_or_a_directory_that_is_not_a_model_is_one_line(model, demo_release, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
-    assert infer("--model-directory", model, "--input", demo_release / VIDEO, "--output", tmp_path / "a-file" / "out") == 1
-    assert capsys.readouterr().err == f"error: cannot write to {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is not a writable directory\n"
+    assert (
+        infer("--model-directory", model, "--input", demo_release / VIDEO, "--output", tmp_path / "a-file" / "out") == 1
+    )
+    assert (
+        capsys.readouterr().err
+        == f"error: cannot write to {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is not a writable directory\n"
+    )
     assert infer("--model-directory", tmp_path, "--input", demo_release / VIDEO, "--output", tmp_path / "out") == 1
     assert "is not a trained model directory" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert infer("--model-directory", model, "--input", demo_release / VIDEO, "--start", "9") == 1
@@ -114,9 +196,25 @@ def test_an_unwritable_output_or_a_directory_that_is_not_a_model_is_one_line(mod
 
 def test_a_killed_run_leaves_no_overlay_that_looks_finished(model, demo_release, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, str(ROOT / "run_inference.py"), "--model-directory", str(model), "--input",
-               str(demo_release / VIDEO), "--output", str(out), "--save-masks", "--batch-size", "1",
-               "--tta", "flip", "--tta-scales", "1", "2", "3"]
+    command = [
+        sys.executable,
+        str(ROOT / "run_inference.py"),
+        "--model-directory",
+        str(model),
+        "--input",
+        str(demo_release / VIDEO),
+        "--output",
+        str(out),
+        "--save-masks",
+        "--batch-size",
+        "1",
+        "--tta",
+        "flip",
+        "--tta-scales",
+        "1",
+        "2",
+        "3",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((out / "masks").glob("*.png")) and time.time() < deadline and process.poll() is None:

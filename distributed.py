@@ -1,0 +1,63 @@
+"""One process or many (torchrun): rank, world size and device, and the collectives the loop needs. Every rank takes
+the same decisions, so that none waits forever at a barrier another rank never reaches."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank() -> int:
+    """This process's rank, before or after setup (torchrun sets RANK)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if flag is True on any rank."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
+def gather(value, world: int) -> list:
+    """Every rank's value, in rank order ([value] in one process)."""
+    if world == 1:
+        return [value]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def on_rank_zero(work, rank: int, device, refusal: Exception, errors=(Exception,)):
+    """work() on rank 0 only; an error of errors there is raised on every rank (on the others as refusal), so that
+    none waits forever. Returns work's result on rank 0, None elsewhere."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except errors as caught:
+            error = caught
+    if any_rank(error is not None, device):
+        raise error or refusal
+    return result
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,261 @@
+"""A trained model, or an ensemble with test-time augmentation, on frames: class ids at the source size, written
+in the official toolkit's layout (VIDEO/segmentation/<mask name>.png) with a picture of each ground-truth frame."""
+
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import cli
+import dataset
+import discovery
+import files
+import hub
+import plots
+import report
+from metrics import SCORED_CLASSES
+from model import ModelDirectoryError, load_trained_model, read_model_config
+
+
+def unlabelled_frames(video_dir: Path) -> list[Path]:
+    """Extracted frames (frames/, else rgb/) that have no ground-truth mask."""
+    masks = {path.name for path in (video_dir / "segmentation").glob("*.png")}
+    frames = {
+        path.name: path for folder in reversed(discovery.FRAME_FOLDERS) for path in (video_dir / folder).glob("*.png")
+    }
+    return [path for name, path in sorted(frames.items()) if name not in masks]
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Each frame as uint8 (3, h, w) tensors, one per content size (h, w), scaled exactly as in training (no JPEG cache)."""
+
+    def __init__(self, paths: list[Path], content_sizes: list[tuple[int, int]]):
+        self.paths, self.content_sizes = paths, content_sizes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        frame = dataset.read_image(self.paths[index])
+        return [torch.from_numpy(dataset.scale_image(frame, size)).permute(2, 0, 1) for size in self.content_sizes]
+
+
+@dataclass
+class Pass:
+    """One forward pass of test-time inference: a model on the frame at one size, mirrored or not."""
+
+    model: torch.nn.Module
+    size_index: int  # which of the batch's scaled copies of the frame it reads
+    content_size: tuple[int, int]
+    padded_size: tuple[int, int]
+    flip: bool
+
+
+def inference_passes(members, source_size, tta: str, scales) -> tuple[list[tuple[int, int]], list[Pass]]:
+    """(the content sizes a batch needs, every pass): for each model (model, config.json) and each scale, the frame at
+    scale x the model's training resolution, padded bottom/right to multiples of 16 as in training; with flip TTA, also
+    mirrored. Scale 1 is exactly the training size."""
+    sizes, passes = [], []
+    for model, config in members:
+        for scale in scales:
+            content_size, padded_size = dataset.training_size(source_size, config["resolution"]["scale"] * scale)
+            if content_size not in sizes:
+                sizes.append(content_size)
+            for flip in (False, True) if tta == "flip" else (False,):
+                passes.append(Pass(model, sizes.index(content_size), content_size, padded_size, flip))
+    return sizes, passes
+
+
+def pass_logits(step: Pass, inputs, source_size, autocast) -> torch.Tensor:
+    """(B, C, H, W) logits at the source size; a mirrored pass mirrors the content before padding (so it stays
+    top-left, as in training) and mirrors the answer back."""
+    images = inputs[step.size_index].flip(3) if step.flip else inputs[step.size_index]
+    padding = (0, step.padded_size[1] - step.content_size[1], 0, step.padded_size[0] - step.content_size[0])
+    with autocast():
+        logits = step.model(F.pad(images, padding), source_size, step.content_size)
+    return logits.flip(3) if step.flip else logits
+
+
+@torch.no_grad()
+def mean_probabilities(passes, inputs, source_size, autocast) -> torch.Tensor:
+    """(B, C, H, W) softmax at the source size, averaged over the passes; holds one pass's besides the running sum."""
+    total = None
+    for step in passes:
+        probabilities = pass_logits(step, inputs, source_size, autocast).float().softmax(1)
+        total = probabilities if total is None else total.add_(probabilities)
+    return total.div_(len(passes))
+
+
+@torch.no_grad()
+def predict(passes, inputs, source_size, autocast) -> torch.Tensor:
+    """(B, H, W) uint8 class ids at the source size for inputs, the batch's uint8 (B, 3, h, w) frames at each content
+    size of inference_passes: the argmax of the mean softmax; with a single pass, of its logits."""
+    if len(passes) == 1:
+        return pass_logits(passes[0], inputs, source_size, autocast).argmax(1).to(torch.uint8)
+    return mean_probabilities(passes, inputs, source_size, autocast).argmax(1).to(torch.uint8)
+
+
+def remove_small_components(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Relabel each 8-connected blob of a class 1..9 smaller than min_size pixels with the label most common on
+    the ring of pixels around it (background if it fills the image): a stray blob of a class absent from the
+    frame costs the frame 1/9 on both metrics."""
+    labels = labels.copy()
+    height, width = labels.shape
+    for c in SCORED_CLASSES:
+        _, components, stats, _ = cv2.connectedComponentsWithStats((labels == c).view(np.uint8), connectivity=8)
+        for k in np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_size) + 1:
+            x, y, w, h = stats[k, :4]
+            x0, y0, x1, y1 = max(x - 1, 0), max(y - 1, 0), min(x + w + 1, width), min(y + h + 1, height)
+            blob = components[y0:y1, x0:x1] == k
+            ring = cv2.dilate(blob.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool) & ~blob
+            window = labels[y0:y1, x0:x1]  # a view: assignment below edits labels
+            window[blob] = np.bincount(window[ring], minlength=dataset.NUM_CLASSES).argmax() if ring.any() else 0
+    return labels
+
+
+def save_frame_outputs(labels, frame: Path, mask: Path | None, video_output: Path, min_component_size: int) -> None:
+    """One frame's prediction PNG and, where it has ground truth, its picture."""
+    if min_component_size:
+        labels = remove_small_components(labels, min_component_size)
+    files.write_image_atomically(video_output / "segmentation" / frame.name, labels)
+    if mask is not None:
+        picture = plots.visualisation(dataset.read_image(frame), labels, dataset.read_mask(mask))
+        files.write_image_atomically(
+            video_output / "visualisations" / frame.name, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)
+        )
+
+
+def list_frames(video_dirs: list[Path], data_directory: Path, all_frames: bool):
+    """([(video, frame, mask or None)], source size): every ground-truth frame, checked, and with all_frames every other extracted one."""
+    samples = discovery.find_samples(video_dirs)
+    samples, _, source_size = discovery.scan_samples(samples, data_directory / discovery.STATISTICS_FILE)
+    frames = [(s.video, s.image, s.mask) for s in samples]
+    if all_frames:
+        frames += [(video_dir.name, path, None) for video_dir in video_dirs for path in unlabelled_frames(video_dir)]
+    return frames, source_size
+
+
+def load_members(args) -> list[tuple[torch.nn.Module, dict]]:
+    """(model, config.json) of every --model-directory; each must predict the SAR-RARP50 classes in their order
+    (checked for all before any backbone loads)."""
+    for directory in args.model_directory:
+        config_path = Path(directory) / "config.json"
+        names = (
+            read_model_config(config_path).get("class_names", list(dataset.CLASS_NAMES))
+            if config_path.is_file()
+            else None
+        )
+        if names not in (None, list(dataset.CLASS_NAMES)):
+            raise ModelDirectoryError(
+                f"{directory} predicts other classes ({', '.join(map(str, names))}) than the "
+                f"{dataset.NUM_CLASSES} of SAR-RARP50: it cannot be scored or ensembled here"
+            )
+    token = hub.resolve_hf_token(args.hf_token_file)
+    return [load_trained_model(directory, args.checkpoint, args.backbone, token) for directory in args.model_directory]
+
+
+def inference_record(args, members, precision: str) -> dict:
+    """predicted_with.json's record of how a video was predicted; an ensemble's lists every member."""
+    described = [
+        {
+            "model_directory": str(directory),
+            "backbone": args.backbone or config["backbone"],
+            "head": config["head"]["type"],
+            "resolution": config["resolution"]["name"],
+        }
+        for directory, (_, config) in zip(args.model_directory, members)
+    ]
+    one = len(described) == 1
+    return {
+        "model_directory": described[0]["model_directory"] if one else [m["model_directory"] for m in described],
+        "checkpoint": args.checkpoint,
+        "split": args.split,
+        "backbone": described[0]["backbone"] if one else [m["backbone"] for m in described],
+        "members": described,
+        "tta": args.tta,
+        "tta_scales": args.tta_scales,
+        "min_component_size": args.min_component_size,
+        "all_frames": args.all_frames,
+        "precision": precision,
+    }
+
+
+def on_device(args, members, source_size):
+    """(device, precision, autocast) with every member moved to the device; notes a source size training did not see."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for directory, (model, config) in zip(args.model_directory, members):
+        model.to(device)
+        if list(source_size) != config["resolution"]["source_size"]:
+            trained = config["resolution"]["source_size"]
+            print(
+                f"note: frames are {source_size[1]}x{source_size[0]}, {directory} was trained on {trained[1]}x"
+                f"{trained[0]}; predicting at the same scale ({config['resolution']['name']} resolution)"
+            )
+    precision = cli.precision_for(args.precision, device)
+    return device, precision, cli.autocast_for(precision, device)
+
+
+def predict_frames(args, members, frames, source_size, predictions_directory: Path) -> None:
+    """Write every frame's prediction (and picture) under predictions_directory/VIDEO/, then how they were made."""
+    device, precision, autocast = on_device(args, members, source_size)
+    sizes, passes = inference_passes(members, source_size, args.tta, args.tta_scales)
+
+    videos = sorted({video for video, _, _ in frames})
+    report.forget_predictions(predictions_directory, videos)
+    loader = DataLoader(
+        FrameDataset([frame for _, frame, _ in frames], sizes),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    writers = min(8, os.cpu_count() or 1)
+    progress = tqdm(
+        total=len(frames),
+        desc="predicting" + (f" ({len(passes)} passes a frame)" if len(passes) > 1 else ""),
+        unit="frame",
+    )
+    with ThreadPoolExecutor(writers) as pool:  # PNG encoding and pictures overlap with the model
+        pending, done = collections.deque(), 0
+        for inputs in loader:
+            labels = predict(passes, [x.to(device, non_blocking=True) for x in inputs], source_size, autocast)
+            for (video, frame, mask), frame_labels in zip(frames[done : done + len(labels)], labels.cpu().numpy()):
+                pending.append(
+                    pool.submit(
+                        save_frame_outputs,
+                        frame_labels,
+                        frame,
+                        mask,
+                        predictions_directory / video,
+                        args.min_component_size,
+                    )
+                )
+            done += len(labels)
+            progress.update(len(labels))
+            while len(pending) > 4 * writers:  # bounded memory: wait for the oldest writes
+                pending.popleft().result()
+        for job in pending:
+            job.result()
+    progress.close()
+    settings = inference_record(args, members, precision)
+    report.write_provenance(
+        predictions_directory,
+        {**report.read_provenance(predictions_directory), **{video: settings for video in videos}},
+    )
+
+
+def predict_videos(args, video_dirs: list[Path], predictions_directory: Path) -> None:
+    """Predict the ground-truth frames of these videos (every extracted frame with --all-frames) into the folder."""
+    frames, source_size = list_frames(video_dirs, Path(args.data_directory), args.all_frames)
+    members = load_members(args)  # every check before anything on disk changes
+    predictions_directory.mkdir(parents=True, exist_ok=True)
+    for name in report.OUTPUT_FILES:  # stale scores never outlive the predictions they describe
+        (predictions_directory / name).unlink(missing_ok=True)
+    predict_frames(args, members, frames, source_size, predictions_directory)

@@ -1,0 +1,519 @@
+"""Every flag of the entry scripts run_training.py and run_inference.py, with its default and its help, and every check
+of their values: one place to look up, add or change a setting. A bad value is one line (cli.OneLineErrorParser)
+before anything runs; run_training.py's settings may also come from a YAML/JSON file (--config).
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import cli
+import dataset
+import hub
+import losses
+import tracking
+from model import BACKBONE_DTYPES, BACKBONE_TRAINING, HEAD_TYPES, LORA_TARGET_MODULES
+
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "constant")
+SELECTION_METRICS = ("score", "mIoU", "seed_mIoU")
+
+
+# ----------------------------------------------------------------------------- run_training.py
+
+
+def layer_list(text: str) -> list[int]:
+    """'3,6,9,12' -> [3, 6, 9, 12]"""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of layer numbers, e.g. 3,6,9,12"
+        ) from None
+
+
+def training_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = cli.OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML or JSON file of settings (keys as the flags, e.g. lora_rank: 8); flags given on the "
+        "command line override it. recipes/seed.yaml is the design we start from's experiment",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)"
+    )
+    data.add_argument(
+        "--output-directory", default="trained-models", help="where weights, logs and curves go (default: %(default)s)"
+    )
+    data.add_argument(
+        "--resolution",
+        choices=list(dataset.RESOLUTION_SCALES),
+        default="half",
+        help="training resolution relative to the source; logits are always upsampled to the source (default: %(default)s)",
+    )
+    data.add_argument("--low-res", action="store_true", help="alias for --resolution quarter (the design's flag)")
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of operations held out for validation (default: %(default)s)",
+    )
+    data.add_argument(
+        "--val-videos",
+        nargs="+",
+        metavar="VIDEO",
+        help="validation videos instead of a random split, e.g. video_03 video_11_1",
+    )
+    data.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="cross-validation: divide the operations into K groups of about equal frame count (by "
+        "--seed) and validate on group --fold; scripts/cross_validate.py trains every fold",
+    )
+    data.add_argument("--fold", type=int, metavar="I", help="with --folds: the 0-based group to validate on")
+    data.add_argument(
+        "--augmentation",
+        choices=dataset.AUGMENTATIONS,
+        default="default",
+        help="default: flip, affine (p 0.7), colour jitter, gamma, blur/noise; seed: the design we start "
+        "from's flip, affine (always; scale 0.7-1.3, shift 20%%, shear 10) and colour jitter (default: %(default)s)",
+    )
+    data.add_argument(
+        "--cache-frames",
+        action="store_true",
+        help="keep a JPEG copy of every frame at training resolution (faster loading)",
+    )
+    data.add_argument(
+        "--skip-bad-samples", action="store_true", help="warn about and skip bad frames/masks instead of stopping"
+    )
+    data.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="data loader processes per GPU (default: %(default)s)",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--backbone",
+        default=hub.DEFAULT_BACKBONE,
+        help=f"short name ({', '.join(hub.BACKBONES)}), hub id, local directory saved with save_pretrained, "
+        "or a .pth/.safetensors file in Meta's or timm's naming (default: %(default)s)",
+    )
+    model.add_argument(
+        "--image-mean",
+        type=float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="normalisation mean on a 0..1 scale (default: the backbone's preprocessor_config.json, "
+        "else ImageNet's, which DINOv3 was trained with)",
+    )
+    model.add_argument(
+        "--image-std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (as --image-mean)"
+    )
+    model.add_argument(
+        "--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)"
+    )
+    model.add_argument(
+        "--backbone-training",
+        choices=BACKBONE_TRAINING,
+        default="lora",
+        help="frozen: only the head trains; lora: LoRA adapters and the head; full: every backbone "
+        "weight too, at --backbone-lr (default: %(default)s)",
+    )
+    model.add_argument(
+        "--backbone-dtype",
+        choices=list(BACKBONE_DTYPES),
+        default="float32",
+        help="dtype the frozen backbone weights are held in; bfloat16 halves their memory (a ViT-7B "
+        "needs it on most GPUs); not with --backbone-training full (default: %(default)s)",
+    )
+    model.add_argument("--lora-rank", type=int, default=16, help="(default: %(default)s)")
+    model.add_argument("--lora-alpha", type=float, default=32, help="(default: %(default)s)")
+    model.add_argument("--lora-dropout", type=float, default=0.1, help="(default: %(default)s)")
+    model.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=list(LORA_TARGET_MODULES),
+        help="backbone modules given LoRA, or all-linear (attention and MLP projections) (default: %(default)s)",
+    )
+    model.add_argument(
+        "--head",
+        choices=HEAD_TYPES,
+        default="mlp",
+        help="mlp: the design we start from, a 3-layer MLP turning each last-layer patch token into the "
+        "logits of its 16x16 pixels; patch-mlp: a 3-layer MLP giving one prediction per patch, "
+        "upsampled bilinearly; multilayer: several layers fused and upsampled to 1/4 of the input "
+        "by 3x3 convs (default: %(default)s)",
+    )
+    model.add_argument(
+        "--head-hidden",
+        type=int,
+        help="hidden width of the mlp / patch-mlp head (default: 10 x 16 x 16 = 2560 for mlp, as the "
+        "design we start from; 256 for patch-mlp)",
+    )
+    model.add_argument(
+        "--feature-layers",
+        type=layer_list,
+        nargs="+",
+        metavar="3,6,9,12",
+        help="1-based ViT layers the multilayer head reads (default: 4 evenly spaced, ending at the last)",
+    )
+    model.add_argument(
+        "--head-width",
+        type=int,
+        default=256,
+        help="multilayer head: width at 1/16, halved at 1/8 and 1/4; a multiple of 32 (default: %(default)s)",
+    )
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument(
+        "--loss",
+        choices=losses.LOSSES,
+        default="ce",
+        help="ce: class-weighted cross entropy; ce+dice: plus a soft Dice term over classes 1..9 (default: %(default)s)",
+    )
+    optimisation.add_argument(
+        "--class-weights",
+        choices=list(losses.CLASS_WEIGHTS),
+        default="enet",
+        help="cross-entropy class weights from each class's pixel frequency f over the training "
+        "split: enet 1/ln(1.02+f); one-minus-frequency 1-f (the design we start from); "
+        "none 1 (default: %(default)s)",
+    )
+    optimisation.add_argument(
+        "--dice-weight",
+        type=float,
+        default=1.0,
+        help="weight of the Dice term of --loss ce+dice (default: %(default)s)",
+    )
+    optimisation.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
+    optimisation.add_argument("--max-steps", type=int, help="optimizer steps to train for; overrides --epochs")
+    optimisation.add_argument(
+        "--batch-size", type=int, default=8, help="images per GPU per step (default: %(default)s)"
+    )
+    optimisation.add_argument(
+        "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)"
+    )
+    optimisation.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="adamw: decoupled weight decay; adam: weight decay added to the gradient (L2), "
+        "as the design we start from with --weight-decay 0 (default: %(default)s)",
+    )
+    optimisation.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (default: %(default)s)")
+    optimisation.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default: %(default)s)")
+    optimisation.add_argument(
+        "--backbone-lr",
+        type=float,
+        help="--backbone-training full: learning rate of the backbone's last layer (default: --lr)",
+    )
+    optimisation.add_argument(
+        "--layer-decay",
+        type=float,
+        default=1.0,
+        help="--backbone-training full: each earlier layer's learning rate is this times the "
+        "next one's (embeddings lowest); 1 is off (default: %(default)s)",
+    )
+    optimisation.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="after --warmup-steps of linear warm-up: cosine decay to 0, or constant (default: %(default)s)",
+    )
+    optimisation.add_argument(
+        "--warmup-steps", type=int, default=100, help="linear warm-up steps; 0 for none (default: %(default)s)"
+    )
+    optimisation.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
+    optimisation.add_argument(
+        "--grad-clip", type=float, default=1.0, help="gradient norm clipping; 0 turns it off (default: %(default)s)"
+    )
+    optimisation.add_argument(
+        "--precision",
+        choices=list(cli.PRECISIONS),
+        help="autocast precision (default: bf16 on a GPU that has it, else fp32)",
+    )
+    optimisation.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward: far less memory, ~30%% slower",
+    )
+    optimisation.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+
+    schedule = parser.add_argument_group("validation, logging, checkpoints")
+    schedule.add_argument(
+        "--val-every",
+        type=int,
+        default=0,
+        help="validate every N steps; 0: at the end of each epoch (default: %(default)s)",
+    )
+    schedule.add_argument(
+        "--selection-metric",
+        choices=SELECTION_METRICS,
+        default="score",
+        help="validation number that picks best/ and drives early stopping: the official score, its "
+        "mIoU, or the design we start from's own mIoU (default: %(default)s)",
+    )
+    schedule.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=0,
+        help="stop after N validations without a better --selection-metric; 0 never stops early (default: %(default)s)",
+    )
+    schedule.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=200,
+        help="write the resumable checkpoint every N steps (default: %(default)s)",
+    )
+    schedule.add_argument(
+        "--log-every", type=int, default=10, help="log training loss every N steps (default: %(default)s)"
+    )
+    schedule.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-directory from its checkpoint"
+    )
+    schedule.add_argument(
+        "--report-to",
+        choices=tracking.REPORTERS,
+        default="none",
+        help="also log live to TensorBoard (OUTPUT/tensorboard: tensorboard --logdir OUTPUT) or "
+        "Weights & Biases (WANDB_MODE=offline without a network): losses, every validation "
+        "score, and pictures of a few validation frames (default: %(default)s)",
+    )
+    return parser
+
+
+def training_arguments(argv=None, description: str = "") -> argparse.Namespace:
+    """run_training.py's flags, over the settings of --config FILE; every value checked before anything runs."""
+    parser = training_parser(description)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_file = parser.parse_known_args(argv)[0].config
+    args = parser.parse_args((cli.config_file_arguments(parser, config_file) if config_file else []) + argv)
+    check_training_arguments(parser, args)
+    return args
+
+
+def check_training_arguments(parser, args) -> None:
+    """Every check of run_training.py's arguments; a bad value is one line (parser.error)."""
+    if args.low_res:  # an alias: the run records --resolution quarter either way
+        args.resolution, args.low_res = "quarter", False
+    if args.feature_layers:  # "3,6" "9" -> [3, 6, 9]
+        args.feature_layers = [layer for part in args.feature_layers for layer in part]
+    cli.check_ranges(
+        parser,
+        args,
+        at_least_one=(
+            "epochs",
+            "batch_size",
+            "grad_accum_steps",
+            "log_every",
+            "checkpoint_every",
+            "lora_rank",
+            "max_steps",
+            "head_hidden",
+        ),
+        non_negative=(
+            "warmup_steps",
+            "early_stop_patience",
+            "weight_decay",
+            "grad_clip",
+            "val_every",
+            "num_workers",
+            "seed",
+            "dice_weight",
+            "lr",
+            "head_lr",
+            "backbone_lr",
+        ),
+    )
+    folds = args.folds
+    refusals = [
+        (not args.lora_alpha > 0, "--lora-alpha must be greater than 0"),
+        (not 0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (args.head_width < 32 or args.head_width % 32, "--head-width must be a positive multiple of 32"),
+        (not 0 < args.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+        (folds is not None and folds < 2, f"--folds must be at least 2, got {folds}"),
+        (
+            folds is not None and (args.fold is None or not 0 <= args.fold < folds),
+            f"--folds {folds} needs --fold 0..{(folds or 0) - 1} (the group to validate on), got {args.fold}; "
+            "scripts/cross_validate.py train trains every fold",
+        ),
+        (folds is not None and args.val_videos, "--val-videos and --folds both choose the validation videos: give one"),
+        (folds is None and args.fold is not None, "--fold needs --folds K"),
+        (not 0 < args.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
+        (args.feature_layers and args.head != "multilayer", "--feature-layers applies to --head multilayer"),
+        (
+            args.backbone_training == "full" and args.backbone_dtype != "float32",
+            "--backbone-training full trains every backbone weight, which needs --backbone-dtype float32",
+        ),
+        ((args.image_mean is None) != (args.image_std is None), "--image-mean and --image-std go together: give both"),
+        (args.image_std is not None and not min(args.image_std) > 0, "--image-std must be positive"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            parser.error(message)
+
+
+# ----------------------------------------------------------------------------- run_inference.py
+
+
+def inference_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = cli.OneLineErrorParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data-directory", default="sarrarp", help="unpacked release with extracted frames (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--model-directory",
+        nargs="+",
+        default=["trained-models"],
+        metavar="MODEL",
+        help="output directory of run_training.py; several: an ensemble averaging their softmax at the "
+        "source resolution (they may differ in head, resolution and backbone) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output", metavar="DIR", help="prediction folder (default: MODEL/inference; an ensemble needs one)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="which saved weights to use (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=["test", "val"],
+        default="test",
+        help="test: the videos in DATA/test; val: the videos listed under 'val' in MODEL/split.json, "
+        "from DATA/train (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-only", action="store_true", help="re-score the predictions in MODEL/inference without loading the model"
+    )
+    parser.add_argument(
+        "--predictions-directory",
+        help="score this prediction folder (official layout) instead, without a model; the scores are written into it",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="frame loading processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backbone", help="hub id, local directory or weight file to use instead of the backbone named in config.json"
+    )
+    parser.add_argument(
+        "--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)"
+    )
+    parser.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        default="none",
+        help="flip: average the softmax of each frame and of its mirror image (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tta-scales",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        metavar="S",
+        help="also average over the frame resized to S x each model's training resolution (padded to "
+        "multiples of 16), e.g. 0.75 1 1.25 (default: 1)",
+    )
+    parser.add_argument(
+        "--min-component-size",
+        type=int,
+        default=0,
+        help="relabel connected blobs of a class smaller than this many pixels with the label around them (default: 0, off)",
+    )
+    parser.add_argument(
+        "--all-frames", action="store_true", help="also predict every extracted frame that has no ground-truth mask"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=list(cli.PRECISIONS),
+        help="autocast precision (default: bf16 on a GPU that has it, else fp32)",
+    )
+    any_input = parser.add_argument_group("any video or folder of images (--input; no ground truth, no release layout)")
+    any_input.add_argument(
+        "--input",
+        metavar="PATH",
+        help="a video (.avi .mp4 .mkv .mov ...) or a folder of .png/.jpg images to segment; writes an "
+        "H.264 overlay.mp4 (or overlays/ and masks/ for images) to --output (default: "
+        "MODEL/predictions/<input name>/)",
+    )
+    any_input.add_argument(
+        "--save-masks",
+        action="store_true",
+        help="video: also write each predicted frame's class ids to masks/{frame index:09d}.png (the release's naming)",
+    )
+    any_input.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="video: predict the frames whose index is a multiple of N; the overlay shows the latest prediction (default: 1)",
+    )
+    any_input.add_argument(
+        "--start", type=float, default=0.0, metavar="SECONDS", help="video: first second to segment (default: 0)"
+    )
+    any_input.add_argument(
+        "--end", type=float, metavar="SECONDS", help="video: segment up to this second (default: the end)"
+    )
+    any_input.add_argument(
+        "--temporal-smoothing",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="video: average the class probabilities over the predicted frames, each new one weighing "
+        "1 - ALPHA (an exponential moving average; default: 0, off)",
+    )
+    return parser
+
+
+def inference_arguments(argv=None, description: str = "") -> argparse.Namespace:
+    """run_inference.py's flags, every value checked before anything runs."""
+    parser = inference_parser(description)
+    args = parser.parse_args(argv)
+    check_inference_arguments(parser, args)
+    return args
+
+
+def check_inference_arguments(parser, args) -> None:
+    """Every check of run_inference.py's arguments; a bad value is one line (parser.error)."""
+    cli.check_ranges(parser, args, at_least_one=("batch_size", "every"))
+    ensemble = len(args.model_directory) > 1
+    refusals = [
+        (args.min_component_size < 0, "--min-component-size must be 0 or more"),
+        (args.num_workers < 0, "--num-workers must be 0 or more"),
+        (
+            not all(0 < scale < math.inf for scale in args.tta_scales),
+            f"--tta-scales must be positive numbers, got {' '.join(map(str, args.tta_scales))}",
+        ),
+        (
+            not 0 <= args.start < math.inf or (args.end is not None and not args.start < args.end < math.inf),
+            "--start must be 0 or more and --end after it",
+        ),
+        (not 0 <= args.temporal_smoothing < 1, "--temporal-smoothing must be in [0, 1)"),
+        (
+            args.input and (args.eval_only or args.predictions_directory),
+            "--input segments a video or images with a model: not with --eval-only or --predictions-directory",
+        ),
+        (
+            ensemble and args.backbone,
+            "--backbone replaces the backbone of one model: give one --model-directory with it",
+        ),
+        (
+            ensemble and not (args.output or args.predictions_directory),
+            "an ensemble's predictions belong to no one model directory: give --output DIR",
+        ),
+    ]
+    for refused, message in refusals:
+        if refused:
+            parser.error(message)
