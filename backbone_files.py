@@ -46,19 +46,15 @@ RENAMES = [
     (r"norm\.(weight|bias)", r"norm.\1"),
     (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", r"model.layer.\1.norm\2.\3"),
     (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"model.layer.\1.attention.o_proj.\2"),
-    (
-        r"blocks\.(\d+)\.attn\.q_bias",
-        r"model.layer.\1.attention.q_proj.bias",
-    ),  # timm: q and v bias, the key's fixed at 0
+    # timm: q and v bias, the key's fixed at 0
+    (r"blocks\.(\d+)\.attn\.q_bias", r"model.layer.\1.attention.q_proj.bias"),
     (r"blocks\.(\d+)\.attn\.v_bias", r"model.layer.\1.attention.v_proj.bias"),
     (r"blocks\.(\d+)\.(?:ls1\.gamma|gamma_1)", r"model.layer.\1.layer_scale1.lambda1"),
     (r"blocks\.(\d+)\.(?:ls2\.gamma|gamma_2)", r"model.layer.\1.layer_scale2.lambda1"),
     (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
     (r"blocks\.(\d+)\.mlp\.(?:fc2|w3)\.(weight|bias)", r"model.layer.\1.mlp.down_proj.\2"),
-    (
-        r"blocks\.(\d+)\.mlp\.(?:w1|fc1_g)\.(weight|bias)",
-        r"model.layer.\1.mlp.gate_proj.\2",
-    ),  # SwiGLU: silu(w1 x) * w2 x
+    # SwiGLU: silu(w1 x) * w2 x
+    (r"blocks\.(\d+)\.mlp\.(?:w1|fc1_g)\.(weight|bias)", r"model.layer.\1.mlp.gate_proj.\2"),
     (r"blocks\.(\d+)\.mlp\.(?:w2|fc1_x)\.(weight|bias)", r"model.layer.\1.mlp.up_proj.\2"),
     (r"mask_token|rope_embed\.periods|local_cls_norm\.(weight|bias)|blocks\.\d+\.attn\.qkv\.bias_mask", None),
 ]

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,17 @@ BACKBONE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # DINOv3ViTAttention's projections
 ALL_LINEAR = "all-linear"  # peft's shortcut: every linear layer of the backbone (attention and MLP)
 CONFIG_VERSION = 2  # config.json written before version 2 meant the per-patch head by "mlp"
+
+
+@dataclass
+class LoRA:
+    """The LoRA adapters of --backbone-training lora (config.json's "lora"); target_modules: names of the backbone's
+    linear layers, or ["all-linear"] for every attention and MLP projection."""
+
+    rank: int = 16
+    alpha: float = 32
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES
 
 
 HEAD_TYPES = ("mlp", "patch-mlp", "multilayer")
@@ -143,10 +155,7 @@ class SegmentationModel(nn.Module):
         mean,
         std,
         backbone_training="lora",
-        lora_rank=16,
-        lora_alpha=32,
-        lora_dropout=0.1,
-        lora_target_modules=LORA_TARGET_MODULES,
+        lora=None,
         head=None,
         gradient_checkpointing=False,
     ):
@@ -176,11 +185,10 @@ class SegmentationModel(nn.Module):
         backbone.requires_grad_(backbone_training == "full")
         backbone.embeddings.mask_token.requires_grad_(False)  # only used for masked pretraining: never a gradient
         if backbone_training == "lora":
-            targets = ALL_LINEAR if list(lora_target_modules) == [ALL_LINEAR] else list(lora_target_modules)
-            lora_config = LoraConfig(
-                r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets
-            )
-            backbone = get_peft_model(backbone, lora_config)  # freezes everything but the LoRA weights
+            lora = lora or LoRA()
+            targets = ALL_LINEAR if list(lora.target_modules) == [ALL_LINEAR] else list(lora.target_modules)
+            adapters = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+            backbone = get_peft_model(backbone, adapters)  # freezes everything but the LoRA weights
         self.backbone = backbone
         self.backbone_dtype = next(backbone.parameters()).dtype
         self.num_prefix_tokens = 1 + config.num_register_tokens  # CLS + registers precede the patch tokens
@@ -239,39 +247,23 @@ class SegmentationModel(nn.Module):
 def build_model(
     backbone_name_or_path,
     token=None,
-    backbone_training="lora",
-    lora_rank=16,
-    lora_alpha=32,
-    lora_dropout=0.1,
-    lora_target_modules=LORA_TARGET_MODULES,
-    head=None,
-    gradient_checkpointing=False,
-    attn_implementation="sdpa",
     backbone_dtype="float32",
     normalization=None,
+    attn_implementation="sdpa",
+    **settings,
 ) -> SegmentationModel:
-    """head: config.json's "head" settings (the seed's pixel MLP if None); backbone_dtype: float32 or bfloat16
-    (frozen weights only: full training needs float32 weights); normalization: (mean, std) on a 0..1 scale, else
-    the backbone's preprocessor_config.json, else ImageNet's (DINOv3's)."""
+    """The backbone loaded and a SegmentationModel made of it with settings (backbone_training, lora, head,
+    gradient_checkpointing). backbone_dtype: float32 or bfloat16 (frozen weights only: full training needs float32
+    weights); normalization: (mean, std) on a 0..1 scale, else the backbone's preprocessor_config.json, else
+    ImageNet's (DINOv3's)."""
     if backbone_dtype not in BACKBONE_DTYPES:
         raise HeadConfigError(f"unknown backbone dtype {backbone_dtype!r}: choose one of {', '.join(BACKBONE_DTYPES)}")
-    if backbone_training == "full" and backbone_dtype != "float32":
+    if settings.get("backbone_training") == "full" and backbone_dtype != "float32":
         raise HeadConfigError("full fine-tuning trains every backbone weight, which needs --backbone-dtype float32")
     name_or_path = backbone_files.resolve_backbone(backbone_name_or_path)
     backbone = backbone_files.load_backbone(name_or_path, token, attn_implementation, BACKBONE_DTYPES[backbone_dtype])
     mean, std = normalization or backbone_files.backbone_normalization(name_or_path, token)
-    return SegmentationModel(
-        backbone,
-        mean,
-        std,
-        backbone_training=backbone_training,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules,
-        head=head,
-        gradient_checkpointing=gradient_checkpointing,
-    )
+    return SegmentationModel(backbone, mean, std, **settings)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -395,18 +387,11 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
     backbone = backbone or config["backbone"]
     if config.get("config_version", 1) < 2 and head["type"] == "mlp":
         head["type"] = "patch-mlp"  # "mlp" named the per-patch head before the seed's pixel MLP became the default
-    model_settings = dict(
-        backbone_training=config.get("backbone_training", "lora"),
-        backbone_dtype=config.get("backbone_dtype", "float32"),
-        lora_rank=lora["rank"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        lora_target_modules=lora["target_modules"],
-        head=head,
-        normalization=(normalization["mean"], normalization["std"]),
-    )
+    lora = LoRA(lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
+    settings = dict(backbone_training=config.get("backbone_training", "lora"), lora=lora, head=head)
+    dtype, normalization = config.get("backbone_dtype", "float32"), (normalization["mean"], normalization["std"])
     try:
-        model = build_model(backbone, token, **model_settings)
+        model = build_model(backbone, token, dtype, normalization, **settings)
     except HeadConfigError as error:
         raise ModelDirectoryError(f"{config_path}: {error}") from None
     try:

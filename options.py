@@ -18,6 +18,7 @@ from model import BACKBONE_DTYPES, BACKBONE_TRAINING, HEAD_TYPES, LORA_TARGET_MO
 OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "constant")
 SELECTION_METRICS = ("score", "mIoU", "seed_mIoU")
+WORKERS = min(8, os.cpu_count() or 1)  # data loader processes by default
 
 
 # ----------------------------------------------------------------------------- run_training.py
@@ -50,22 +51,16 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--resolution",
-        choices=list(dataset.RESOLUTION_SCALES),
         default="half",
+        choices=list(dataset.RESOLUTION_SCALES),
         help="training resolution relative to the source; logits are always upsampled to the source (default: %(default)s)",
     )
     data.add_argument("--low-res", action="store_true", help="alias for --resolution quarter (the design's flag)")
     data.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="share of operations held out for validation (default: %(default)s)",
+        "--val-fraction", type=float, default=0.2, help="share of operations validated on (default: %(default)s)"
     )
     data.add_argument(
-        "--val-videos",
-        nargs="+",
-        metavar="VIDEO",
-        help="validation videos instead of a random split, e.g. video_03 video_11_1",
+        "--val-videos", nargs="+", metavar="VIDEO", help="validation videos instead of a random split (e.g. video_03)"
     )
     data.add_argument(
         "--folds",
@@ -83,18 +78,11 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         "from's flip, affine (always; scale 0.7-1.3, shift 20%%, shear 10) and colour jitter (default: %(default)s)",
     )
     data.add_argument(
-        "--cache-frames",
-        action="store_true",
-        help="keep a JPEG copy of every frame at training resolution (faster loading)",
+        "--cache-frames", action="store_true", help="keep a JPEG copy of each frame at training size (faster loading)"
     )
+    data.add_argument("--skip-bad-samples", action="store_true", help="warn about bad frames/masks and skip them")
     data.add_argument(
-        "--skip-bad-samples", action="store_true", help="warn about and skip bad frames/masks instead of stopping"
-    )
-    data.add_argument(
-        "--num-workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="data loader processes per GPU (default: %(default)s)",
+        "--num-workers", type=int, default=WORKERS, help="data loader processes per GPU (default: %(default)s)"
     )
 
     model = parser.add_argument_group("model")
@@ -186,10 +174,7 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         "none 1 (default: %(default)s)",
     )
     optimisation.add_argument(
-        "--dice-weight",
-        type=float,
-        default=1.0,
-        help="weight of the Dice term of --loss ce+dice (default: %(default)s)",
+        "--dice-weight", type=float, default=1.0, help="the Dice term's weight in --loss ce+dice (default: %(default)s)"
     )
     optimisation.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
     optimisation.add_argument("--max-steps", type=int, help="optimizer steps to train for; overrides --epochs")
@@ -209,9 +194,7 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     optimisation.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (default: %(default)s)")
     optimisation.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default: %(default)s)")
     optimisation.add_argument(
-        "--backbone-lr",
-        type=float,
-        help="--backbone-training full: learning rate of the backbone's last layer (default: --lr)",
+        "--backbone-lr", type=float, help="--backbone-training full: the last layer's learning rate (default: --lr)"
     )
     optimisation.add_argument(
         "--layer-decay",
@@ -236,26 +219,23 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     optimisation.add_argument(
         "--precision",
         choices=list(cli.PRECISIONS),
-        help="autocast precision (default: bf16 on a GPU that has it, else fp32)",
+        help="autocast precision (default: bf16 on a GPU with it, else fp32)",
     )
     optimisation.add_argument(
         "--gradient-checkpointing",
         action="store_true",
-        help="recompute activations in backward: far less memory, ~30%% slower",
+        help="recompute activations in the backward pass: far less memory, ~30%% slower",
     )
     optimisation.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
 
     schedule = parser.add_argument_group("validation, logging, checkpoints")
     schedule.add_argument(
-        "--val-every",
-        type=int,
-        default=0,
-        help="validate every N steps; 0: at the end of each epoch (default: %(default)s)",
+        "--val-every", type=int, default=0, help="validate every N steps; 0: after each epoch (default: %(default)s)"
     )
     schedule.add_argument(
         "--selection-metric",
-        choices=SELECTION_METRICS,
         default="score",
+        choices=SELECTION_METRICS,
         help="validation number that picks best/ and drives early stopping: the official score, its "
         "mIoU, or the design we start from's own mIoU (default: %(default)s)",
     )
@@ -269,7 +249,7 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         "--checkpoint-every",
         type=int,
         default=200,
-        help="write the resumable checkpoint every N steps (default: %(default)s)",
+        help="write the resumable checkpoint each N steps (default: %(default)s)",
     )
     schedule.add_argument(
         "--log-every", type=int, default=10, help="log training loss every N steps (default: %(default)s)"
@@ -379,15 +359,12 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
         "--output", metavar="DIR", help="prediction folder (default: MODEL/inference; an ensemble needs one)"
     )
     parser.add_argument(
-        "--checkpoint",
-        choices=["best", "last"],
-        default="best",
-        help="which saved weights to use (default: %(default)s)",
+        "--checkpoint", choices=["best", "last"], default="best", help="the saved weights to use (default: %(default)s)"
     )
     parser.add_argument(
         "--split",
-        choices=["test", "val"],
         default="test",
+        choices=["test", "val"],
         help="test: the videos in DATA/test; val: the videos listed under 'val' in MODEL/split.json, "
         "from DATA/train (default: %(default)s)",
     )
@@ -400,10 +377,7 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     parser.add_argument(
-        "--num-workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="frame loading processes (default: %(default)s)",
+        "--num-workers", type=int, default=WORKERS, help="frame loading processes (default: %(default)s)"
     )
     parser.add_argument(
         "--backbone", help="hub id, local directory or weight file to use instead of the backbone named in config.json"
@@ -438,7 +412,7 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         choices=list(cli.PRECISIONS),
-        help="autocast precision (default: bf16 on a GPU that has it, else fp32)",
+        help="autocast precision (default: bf16 on a GPU with it, else fp32)",
     )
     any_input = parser.add_argument_group("any video or folder of images (--input; no ground truth, no release layout)")
     any_input.add_argument(

@@ -31,7 +31,7 @@ import report
 import run_directory
 import tracking
 from metrics import frame_record, summarize
-from model import HeadConfigError, build_model, count_parameters, parameter_bytes
+from model import HeadConfigError, LoRA, build_model, count_parameters, parameter_bytes
 from run_directory import RunDirectory
 
 
@@ -135,7 +135,7 @@ def epoch_batches(training, state) -> tuple:
         num_workers=args.num_workers,
         drop_last=True,
         pin_memory=training.device.type == "cuda",
-        generator=training.loader_generator,
+        generator=training.val_loader.generator,
     )
     return iter(loader), len(indices) // per_step
 
@@ -152,19 +152,13 @@ def head_settings(args) -> dict:
 
 def make_model(args, device, log):
     token = hub.resolve_hf_token(args.hf_token_file)
-    model = build_model(
-        args.backbone,
-        token,
-        backbone_training=args.backbone_training,
-        backbone_dtype=args.backbone_dtype,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_target_modules=args.lora_targets,
-        head=head_settings(args),
-        gradient_checkpointing=args.gradient_checkpointing,
-        normalization=args.image_mean and (args.image_mean, args.image_std),
-    ).to(device)
+    lora = LoRA(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    settings = dict(
+        backbone_training=args.backbone_training, lora=lora, gradient_checkpointing=args.gradient_checkpointing
+    )
+    normalization = args.image_mean and (args.image_mean, args.image_std)
+    model = build_model(args.backbone, token, args.backbone_dtype, normalization, head=head_settings(args), **settings)
+    model.to(device)
     del token
     (trainable, total), (trainable_bytes, total_bytes) = count_parameters(model), parameter_bytes(model)
     log(
@@ -254,17 +248,17 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     autocast: object  # cli.autocast_for: autocast() -> a context
-    val_loader: DataLoader
-    # Every loader draws its worker seeds from this generator, so that the global RNG (LoRA dropout) advances
+    # Every loader draws its worker seeds from val_loader.generator, so that the global RNG (LoRA dropout) advances
     # identically in an uninterrupted and in a resumed run.
-    loader_generator: torch.Generator
+    val_loader: DataLoader
     steps_per_epoch: int
     total_steps: int
-    rank: int
-    world: int
-    device: torch.device
     wrapped: torch.nn.Module = None  # the model, in DistributedDataParallel under torchrun
     pictured: set = field(default_factory=set)  # validation indices pictured for the tracker
+
+    rank = property(lambda self: self.run.rank)
+    world = property(lambda self: self.run.world)
+    device = property(lambda self: self.run.device)
 
 
 def setup(args, log) -> tuple[Training, LoopState]:
@@ -299,38 +293,24 @@ def setup(args, log) -> tuple[Training, LoopState]:
 
 def make_training(args, run, data: Data, model, precision: str) -> Training:
     """The optimizer, schedule, loss and validation loader of a model on this data."""
-    rank, world, device = run.rank, run.world, run.device
-    steps_per_epoch = len(data.train) // world // (args.batch_size * args.grad_accum_steps)
+    steps_per_epoch = len(data.train) // (run.world * args.batch_size * args.grad_accum_steps)
     if steps_per_epoch == 0:
         raise dataset.DataError(
-            f"{len(data.train)} training samples make no full step of {world} x {args.batch_size} "
+            f"{len(data.train)} training samples make no full step of {run.world} x {args.batch_size} "
             f"x {args.grad_accum_steps} images: lower --batch-size or --grad-accum-steps"
         )
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args, total_steps)
+    loss = losses.make_loss(args, data.class_weights.to(run.device))
+    scaler = torch.amp.GradScaler(run.device.type, enabled=precision == "fp16")
+    autocast = cli.autocast_for(precision, run.device)
     generator = torch.Generator().manual_seed(args.seed)
-    val_indices = list(range(len(data.val)))[rank::world]  # no padding: every frame scored exactly once
-    val_loader = DataLoader(
-        data.val, batch_size=args.batch_size, sampler=val_indices, num_workers=args.num_workers, generator=generator
-    )
-    return Training(
-        args=args,
-        run=run,
-        data=data,
-        model=model,
-        loss=losses.make_loss(args, data.class_weights.to(device)),
-        optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, args, total_steps),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        autocast=cli.autocast_for(precision, device),
-        val_loader=val_loader,
-        loader_generator=generator,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        rank=rank,
-        world=world,
-        device=device,
-    )
+    val_indices = list(range(len(data.val)))[run.rank :: run.world]  # no padding: every frame scored exactly once
+    loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, generator=generator)
+    val_loader = DataLoader(data.val, sampler=val_indices, **loading)
+    optimisation = (loss, optimizer, scheduler, scaler, autocast)
+    return Training(args, run, data, model, *optimisation, val_loader, steps_per_epoch, total_steps)
 
 
 # ----------------------------------------------------------------------------- one step

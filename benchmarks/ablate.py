@@ -169,17 +169,7 @@ def build_demo_inputs(directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     if not (data / "train").is_dir():
         steps = [
-            [
-                ROOT / "scripts" / "make_demo_data.py",
-                "--output",
-                data,
-                "--seconds",
-                "4",
-                "--width",
-                "128",
-                "--height",
-                "96",
-            ],
+            [ROOT / "scripts" / "make_demo_data.py", "--output", data, *"--seconds 4 --width 128 --height 96".split()],
             [ROOT / "scripts" / "extract_frames.py", data, "--jobs", "2"],
         ]
         if not all(run_logged(step, directory / "make_demo.log") for step in steps):
@@ -234,11 +224,7 @@ def inference_command(args, config: dict, run: Path) -> list:
         args.data_directory,
         "--model-directory",
         run,
-        "--split",
-        "val",
-        "--checkpoint",
-        "last",
-        "--num-workers",
+        *"--split val --checkpoint last --num-workers".split(),
         args.num_workers,
         "--backbone",
         config["backbone"],

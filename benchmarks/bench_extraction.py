@@ -78,6 +78,25 @@ def pngs(folder: Path) -> tuple[int, int]:
     return len(files), sum(f.stat().st_size for f in files)
 
 
+def x264_command(ffmpeg: str, output: Path, preset: str = "veryfast", crf: int = 23) -> list[str]:
+    """ffmpeg encoding raw BGR frames of WIDTHxHEIGHT at FPS from stdin into an H.264 (libx264) output."""
+    return [
+        ffmpeg,
+        *f"-hide_banner -loglevel error -y -f rawvideo -pix_fmt bgr24 -s {WIDTH}x{HEIGHT} -r {FPS} -i -".split(),
+        *"-c:v libx264 -preset".split(),
+        preset,
+        "-crf",
+        str(crf),
+        *"-g 250 -pix_fmt yuv420p".split(),
+        str(output),
+    ]
+
+
+def ffmpeg_decoding(video: Path) -> list[str]:
+    """The start of an ffmpeg command that decodes video, quietly and without reading stdin."""
+    return [ffmpeg_exe(), *"-hide_banner -loglevel error -nostdin -i".split(), str(video)]
+
+
 # ----------------------------------------------------------------------------- the test video
 
 
@@ -87,34 +106,7 @@ def make_video(video_dir: Path, seconds: int, preset: str, crf: int, seed: int) 
     (video_dir / "segmentation").mkdir(parents=True)
     rng = np.random.default_rng([seed, 1])
     scene = demo.Scene(rng, WIDTH, HEIGHT, {demo.NEEDLE, demo.THREAD, demo.SUCTION, demo.CLAMPS})
-    command = [
-        ffmpeg_exe(),
-        "-hide_banner",
-        "-loglevel",
-        "error",
-        "-y",
-        "-f",
-        "rawvideo",
-        "-pix_fmt",
-        "bgr24",
-        "-s",
-        f"{WIDTH}x{HEIGHT}",
-        "-r",
-        str(FPS),
-        "-i",
-        "-",
-        "-c:v",
-        "libx264",
-        "-preset",
-        preset,
-        "-crf",
-        str(crf),
-        "-g",
-        "250",
-        "-pix_fmt",
-        "yuv420p",
-        str(video_dir / "video_left.avi"),
-    ]
+    command = x264_command(ffmpeg_exe(), video_dir / "video_left.avi", preset, crf)
     encoder = subprocess.Popen(command, stdin=subprocess.PIPE)
     frames = seconds * FPS
     try:
@@ -174,11 +166,7 @@ def ours(data: Path, output_name: str) -> tuple[float, float]:
             sys.executable,
             str(ROOT / "scripts" / "extract_frames.py"),
             str(data),
-            "--rate",
-            "labelled",
-            "--jobs",
-            "1",
-            "--output-name",
+            *"--rate labelled --jobs 1 --output-name".split(),
             output_name,
         ]
     )
@@ -190,18 +178,10 @@ def all_frames(video: Path, output: Path, limit: int | None = None) -> tuple[flo
     first = ["-frames:v", str(limit)] if limit else []
     return run_command(
         [
-            ffmpeg_exe(),
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-nostdin",
-            "-i",
-            str(video),
-            "-fps_mode",
-            "passthrough",
+            *ffmpeg_decoding(video),
+            *"-fps_mode passthrough".split(),
             *first,
-            "-start_number",
-            "0",
+            *"-start_number 0".split(),
             str(output / "%09d.png"),
         ]
     )
@@ -210,17 +190,7 @@ def all_frames(video: Path, output: Path, limit: int | None = None) -> tuple[flo
 def seed_command(video: Path, output: Path) -> tuple[float, float]:
     """The design we start from's extraction: every 60th frame, named by its presentation timestamp."""
     output.mkdir()
-    base = [
-        ffmpeg_exe(),
-        "-hide_banner",
-        "-loglevel",
-        "error",
-        "-nostdin",
-        "-i",
-        str(video),
-        "-vf",
-        r"select=not(mod(n\,60))",
-    ]
+    base = [*ffmpeg_decoding(video), "-vf", r"select=not(mod(n\,60))"]
     names = ["-frame_pts", "1", str(output / "%09d.png")]
     probe = subprocess.run([ffmpeg_exe(), "-hide_banner", "-h", "full"], capture_output=True, text=True).stdout
     timing = ["-vsync", "vfr"] if "-vsync" in probe else ["-fps_mode", "vfr"]  # newer builds dropped -vsync
@@ -231,20 +201,7 @@ def incorrect_select(video: Path, output: Path) -> tuple[float, float]:
     """The notes' wrong command: select every 60th frame without -fps_mode passthrough
     (the output is re-timed to a constant rate, so ffmpeg duplicates the selected frames)."""
     output.mkdir()
-    return run_command(
-        [
-            ffmpeg_exe(),
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-nostdin",
-            "-i",
-            str(video),
-            "-vf",
-            r"select=not(mod(n\,60))",
-            str(output / "%09d.png"),
-        ]
-    )
+    return run_command([*ffmpeg_decoding(video), "-vf", r"select=not(mod(n\,60))", str(output / "%09d.png")])
 
 
 # ----------------------------------------------------------------------------- frame accuracy

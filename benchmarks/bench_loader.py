@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_demo_data as demo  # noqa: E402
-from bench_extraction import run_in_workdir  # noqa: E402
+from bench_extraction import run_in_workdir, x264_command  # noqa: E402
 from dataset import SegmentationDataset, cached_frame_path, read_image, read_mask, read_scaled_image  # noqa: E402
 from discovery import find_samples, find_video_dirs, scan_samples  # noqa: E402
 
@@ -79,34 +79,7 @@ def make_data(video_dir: Path, count: int, raw: bool, seed: int) -> str:
     else:
         # each rendered frame is one second of the operation; encode them as a 60 fps video and decode back
         video = video_dir / "video_left.avi"
-        command = [
-            ffmpeg,
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "bgr24",
-            "-s",
-            f"{WIDTH}x{HEIGHT}",
-            "-r",
-            str(FPS),
-            "-i",
-            "-",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-crf",
-            "23",
-            "-g",
-            "250",
-            "-pix_fmt",
-            "yuv420p",
-            str(video),
-        ]
+        command = x264_command(ffmpeg, video)
         subprocess.run(command, input=b"".join(image.tobytes() for image in rendered), check=True)
         capture = cv2.VideoCapture(str(video))
         decoded = []

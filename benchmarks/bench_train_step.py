@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backbone_files import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dataset import NUM_CLASSES  # noqa: E402
 from losses import weighted_cross_entropy  # noqa: E402
-from model import BACKBONE_DTYPES, SegmentationModel, count_parameters  # noqa: E402
+from model import BACKBONE_DTYPES, LoRA, SegmentationModel, count_parameters  # noqa: E402
 
 # model.BACKBONES short name: (label, hidden, layers, heads, intermediate, gated SwiGLU MLP), as Meta's DINOv3 ViTs
 MODELS = {
@@ -148,7 +148,7 @@ def segmentation_model(backbone, variant: Variant) -> SegmentationModel:
         IMAGENET_MEAN,
         IMAGENET_STD,
         backbone_training=variant.mode,
-        lora_rank=LORA_RANK,
+        lora=LoRA(rank=LORA_RANK),
         gradient_checkpointing=variant.checkpointing,
     )
     return model.to(next(backbone.parameters()).device).train()

@@ -35,21 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help=f"the weight file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
     parser.add_argument("output", help="directory to write (must not exist, or be empty)")
+    rgb = {"type": float, "nargs": 3, "metavar": ("R", "G", "B")}
     parser.add_argument(
         "--image-mean",
-        type=float,
-        nargs=3,
         default=IMAGENET_MEAN,
-        metavar=("R", "G", "B"),
         help="normalisation mean on a 0..1 scale (default: ImageNet's, %(default)s)",
+        **rgb,
     )
     parser.add_argument(
-        "--image-std",
-        type=float,
-        nargs=3,
-        default=IMAGENET_STD,
-        metavar=("R", "G", "B"),
-        help="normalisation std (default: ImageNet's, %(default)s)",
+        "--image-std", default=IMAGENET_STD, help="normalisation std (default: ImageNet's, %(default)s)", **rgb
     )
     args = parser.parse_args(argv)
     if not is_weight_file(args.file):

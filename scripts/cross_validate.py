@@ -61,9 +61,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     )
     score = commands.add_parser("score", help="score every fold out of fold")
     score.add_argument("fold_directories", nargs="+", metavar="FOLD", help="the fold folders, e.g. cv/fold_*")
-    score.add_argument(
-        "--data-directory", default="sarrarp", help="the release the folds were trained on (default: %(default)s)"
-    )
+    score.add_argument("--data-directory", default="sarrarp", help="the folds' release (default: %(default)s)")
     score.add_argument(
         "--output", metavar="DIR", help="where the out-of-fold predictions go (default: beside the folds, out_of_fold/)"
     )
@@ -252,9 +250,7 @@ def score_folds(args, inference_arguments: list[str]) -> int:
     common = [
         "--data-directory",
         args.data_directory,
-        "--split",
-        "val",
-        "--checkpoint",
+        *"--split val --checkpoint".split(),
         args.checkpoint,
         "--output",
         str(output),

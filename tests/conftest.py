@@ -25,6 +25,29 @@ def run_script(*args, check=True, cwd=ROOT, env=None):
     return result
 
 
+def training_folders(release, backbone, output) -> list:
+    """The folders of a run_training.py command line: the data, the backbone and the run's output."""
+    return ["--data-directory", release, "--backbone", backbone, "--output-directory", output]
+
+
+def train_with_own_backbone(release, root: Path, *extra) -> Path:
+    """A run_training.py run on release with a tiny DINOv3 of its own in root/tiny-dinov3; returns root/model."""
+    from make_tiny_backbone import save_tiny_backbone
+
+    save_tiny_backbone(root / "tiny-dinov3")
+    run_script(
+        ROOT / "run_training.py",
+        "--data-directory",
+        release,
+        "--output-directory",
+        root / "model",
+        "--backbone",
+        root / "tiny-dinov3",
+        *extra,
+    )
+    return root / "model"
+
+
 def decode_all(video_path) -> list:
     """Every frame of a video, by OpenCV's sequential read() (what the official toolkit does)."""
     import cv2
@@ -96,6 +119,4 @@ def backbone(tmp_path_factory):
 
 @pytest.fixture
 def release_copy(demo_release, tmp_path):
-    destination = tmp_path / "sarrarp"
-    shutil.copytree(demo_release, destination)
-    return destination
+    return shutil.copytree(demo_release, tmp_path / "sarrarp")

@@ -102,20 +102,8 @@ def test_ablate_demo_writes_its_tables(tmp_path):
         "--demo",
         "--output-directory",
         output,
-        "--backbone-trainings",
-        "frozen,lora",
-        "--lora-ranks",
-        "8",
-        "--heads",
-        "mlp",
-        "--losses",
-        "ce",
-        "--resolutions",
-        "quarter",
-        "--max-steps",
-        "2",
-        "--num-workers",
-        "0",
+        *"--backbone-trainings frozen,lora --lora-ranks 8 --heads mlp --losses ce".split(),
+        *"--resolutions quarter --max-steps 2 --num-workers 0".split(),
     )
     expected = ["tiny-dinov3_frozen_mlp_ce_quarter", "tiny-dinov3_lora-r8_mlp_ce_quarter"]
     markdown = (output / "ablation.md").read_text()

@@ -15,7 +15,7 @@ import convert_backbone
 import run_inference
 import run_training
 from backbone_files import load_weight_file
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, training_folders
 
 HEADS_OF_32 = 2  # hidden 64 / head dim 32: not the default head dim 64, so the heads must come from rope_embed.periods
 
@@ -27,8 +27,8 @@ def random_hf_model(registers=4, gated=False, key_bias=False, heads=HEADS_OF_32,
         num_hidden_layers=3,
         num_attention_heads=heads,
         num_register_tokens=registers,
-        use_gated_mlp=gated,
         hidden_act="silu" if gated else "gelu",
+        use_gated_mlp=gated,
         key_bias=key_bias,
         pos_embed_shift=None,
         pos_embed_jitter=None,
@@ -177,24 +177,9 @@ def train(release, backbone, output, *extra):
         [
             str(a)
             for a in (
-                "--data-directory",
-                release,
-                "--backbone",
-                backbone,
-                "--output-directory",
-                output,
-                "--resolution",
-                "quarter",
-                "--batch-size",
-                "2",
-                "--num-workers",
-                "0",
-                "--warmup-steps",
-                "1",
-                "--max-steps",
-                "2",
-                "--val-every",
-                "2",
+                *training_folders(release, backbone, output),
+                *"--resolution quarter --batch-size 2 --num-workers 0".split(),
+                *"--warmup-steps 1 --max-steps 2 --val-every 2".split(),
                 *extra,
             )
         ]

@@ -59,9 +59,7 @@ def test_bad_fold_arguments_stop_training_with_one_line(arguments, message, caps
 
 @pytest.fixture(scope="module")
 def release(demo_release, tmp_path_factory):
-    destination = tmp_path_factory.mktemp("cv_release") / "sarrarp"
-    shutil.copytree(demo_release, destination)
-    return destination
+    return shutil.copytree(demo_release, tmp_path_factory.mktemp("cv_release") / "sarrarp")
 
 
 @pytest.fixture(scope="module")
@@ -70,34 +68,15 @@ def trained_folds(release, backbone, tmp_path_factory):
     finished by running the same command again; returns (the runner's folder, its arguments, the second run's output)."""
     output = tmp_path_factory.mktemp("cv") / "cv"
     arguments = [
-        "train",
-        "--folds",
-        "2",
-        "--output-directory",
+        *"train --folds 2 --output-directory".split(),
         str(output),
         "--",
         "--data-directory",
         str(release),
         "--backbone",
         str(backbone),
-        "--resolution",
-        "quarter",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--max-steps",
-        "3",
-        "--warmup-steps",
-        "1",
-        "--checkpoint-every",
-        "1",
-        "--head",
-        "patch-mlp",
-        "--head-lr",
-        "1e-2",
-        "--lr",
-        "1e-3",
+        *"--resolution quarter --batch-size 2 --num-workers 0 --max-steps 3 --warmup-steps 1".split(),
+        *"--checkpoint-every 1 --head patch-mlp --head-lr 1e-2 --lr 1e-3".split(),
     ]
     validate, calls = run_training.validate, []
 

@@ -126,20 +126,7 @@ def test_refuses_a_non_empty_output_folder_unless_overwrite(tmp_path):
     output = tmp_path / "out"
     (output / "train" / "video_99").mkdir(parents=True)
     (output / "notes.txt").write_text("keep me")
-    args = [
-        "--output",
-        output,
-        "--train-videos",
-        "1",
-        "--test-videos",
-        "1",
-        "--seconds",
-        "1",
-        "--width",
-        "64",
-        "--height",
-        "48",
-    ]
+    args = ["--output", output, *"--train-videos 1 --test-videos 1 --seconds 1 --width 64 --height 48".split()]
     result = run_script(SCRIPT, *args, check=False)
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]

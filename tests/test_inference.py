@@ -16,8 +16,7 @@ import dataset
 import inference
 import plots
 import run_inference
-from conftest import ROOT, run_script
-from make_tiny_backbone import save_tiny_backbone
+from conftest import ROOT, run_script, train_with_own_backbone
 from metrics import evaluate_directories, false_positive_pixels, frame_scores, read_label_png, summarize
 from model import load_trained_model
 
@@ -27,35 +26,13 @@ INFER = ROOT / "run_inference.py"
 @pytest.fixture(scope="module")
 def release(demo_release, tmp_path_factory):
     """Our own copy: training and inference cache mask statistics in the data directory."""
-    destination = tmp_path_factory.mktemp("inference_release") / "sarrarp"
-    shutil.copytree(demo_release, destination)
-    return destination
+    return shutil.copytree(demo_release, tmp_path_factory.mktemp("inference_release") / "sarrarp")
 
 
 @pytest.fixture(scope="module")
 def trained_model(release, tmp_path_factory):
-    root = tmp_path_factory.mktemp("inference_model")
-    save_tiny_backbone(root / "tiny-dinov3")
-    run_script(
-        ROOT / "run_training.py",
-        "--data-directory",
-        release,
-        "--output-directory",
-        root / "model",
-        "--backbone",
-        root / "tiny-dinov3",
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--resolution",
-        "quarter",
-        "--warmup-steps",
-        "1",
-    )
-    return root / "model"
+    flags = "--max-steps 4 --batch-size 2 --num-workers 0 --resolution quarter --warmup-steps 1".split()
+    return train_with_own_backbone(release, tmp_path_factory.mktemp("inference_model"), *flags)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +44,7 @@ def test_run(trained_model, release):
         release,
         "--model-directory",
         trained_model,
-        "--batch-size",
-        "1",
-        "--num-workers",
-        "0",
+        *"--batch-size 1 --num-workers 0".split(),
     )
 
 
@@ -90,17 +64,8 @@ def options_run(trained_model, release, tmp_path_factory):
         data,
         "--model-directory",
         model,
-        "--split",
-        "val",
-        "--tta",
-        "flip",
-        "--min-component-size",
-        "20",
-        "--all-frames",
-        "--batch-size",
-        "4",
-        "--num-workers",
-        "0",
+        *"--split val --tta flip --min-component-size 20".split(),
+        *"--all-frames --batch-size 4 --num-workers 0".split(),
     )
     return result, model, data
 

@@ -21,7 +21,7 @@ from dataset import IGNORE_INDEX, NUM_CLASSES, PATCH_SIZE  # noqa: E402
 from hub import DEFAULT_BACKBONE, BackboneError, resolve_hf_token  # noqa: E402
 from losses import weighted_cross_entropy  # noqa: E402
 from make_tiny_backbone import save_tiny_backbone  # noqa: E402
-from model import build_model, count_parameters, load_trainable_weights, save_trainable_weights  # noqa: E402
+from model import LoRA, build_model, count_parameters, load_trainable_weights, save_trainable_weights  # noqa: E402
 
 SECRET = "hf_notARealTokenButSecret123"
 
@@ -53,7 +53,7 @@ def test_load_backbone_from_directory_disables_rope_augmentation(backbone_dir):
 
 
 def test_train_mode_forward_is_deterministic(backbone_dir):
-    model = make_model(backbone_dir, lora_dropout=0.0).train()
+    model = make_model(backbone_dir, lora=LoRA(dropout=0.0)).train()
     images = random_images(1, 64, 64)
     torch.testing.assert_close(model(images, (64, 64)), model(images, (64, 64)), rtol=0, atol=0)
 
@@ -139,7 +139,7 @@ def test_training_moves_lora_only(backbone_dir, gradient_checkpointing):
 def test_gradient_checkpointing_gives_the_same_lora_gradients(backbone_dir):
     grads = []
     for gradient_checkpointing in (False, True):
-        model = make_model(backbone_dir, lora_dropout=0.0, gradient_checkpointing=gradient_checkpointing).train()
+        model = make_model(backbone_dir, lora=LoRA(dropout=0.0), gradient_checkpointing=gradient_checkpointing).train()
         with torch.no_grad():  # non-zero LoRA B, so LoRA A gets a gradient too
             for name, p in model.named_parameters():
                 if "lora_B" in name:

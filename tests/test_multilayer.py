@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import run_inference
 import run_training
-from conftest import ROOT, background_scores, run_script
+from conftest import ROOT, background_scores, run_script, training_folders
 from dataset import IGNORE_INDEX, NUM_CLASSES
 from losses import soft_dice_loss
 from model import HeadConfigError, MultiLayerHead, build_model, default_feature_layers, load_trained_model
@@ -18,28 +18,14 @@ from model import HeadConfigError, MultiLayerHead, build_model, default_feature_
 @pytest.fixture(scope="module")
 def release(demo_release, tmp_path_factory):
     """Our own copy: training and inference cache mask statistics in the data directory."""
-    destination = tmp_path_factory.mktemp("multilayer_release") / "sarrarp"
-    shutil.copytree(demo_release, destination)
-    return destination
+    return shutil.copytree(demo_release, tmp_path_factory.mktemp("multilayer_release") / "sarrarp")
 
 
 def training_args(release, backbone, output, *extra):
     return [
         ROOT / "run_training.py",
-        "--data-directory",
-        release,
-        "--backbone",
-        backbone,
-        "--output-directory",
-        output,
-        "--batch-size",
-        "4",
-        "--num-workers",
-        "0",
-        "--warmup-steps",
-        "1",
-        "--log-every",
-        "1",
+        *training_folders(release, backbone, output),
+        *"--batch-size 4 --num-workers 0 --warmup-steps 1 --log-every 1".split(),
         *extra,
     ]
 
@@ -56,22 +42,8 @@ def multilayer_run(learnable_release, backbone, tmp_path_factory):
             learnable_release,
             backbone,
             output,
-            "--head",
-            "multilayer",
-            "--resolution",
-            "full",
-            "--max-steps",
-            "100",
-            "--val-every",
-            "100",
-            "--batch-size",
-            "8",
-            "--warmup-steps",
-            "5",
-            "--lr",
-            "1e-3",
-            "--head-lr",
-            "3e-3",
+            *"--head multilayer --resolution full --max-steps 100 --val-every 100".split(),
+            *"--batch-size 8 --warmup-steps 5 --lr 1e-3 --head-lr 3e-3".split(),
         )
     )
     return result, output
@@ -134,12 +106,7 @@ def test_a_multilayer_checkpoint_reloads_in_run_inference_without_extra_flags(mu
                 str(learnable_release),
                 "--model-directory",
                 str(output),
-                "--split",
-                "val",
-                "--batch-size",
-                "4",
-                "--num-workers",
-                "0",
+                *"--split val --batch-size 4 --num-workers 0".split(),
             ]
         )
         == 0
@@ -150,23 +117,8 @@ def test_a_multilayer_checkpoint_reloads_in_run_inference_without_extra_flags(mu
 
 def test_full_resolution_trains_a_step_with_the_multilayer_head_and_dice(release, backbone, tmp_path):
     output = tmp_path / "full"
-    arguments = training_args(
-        release,
-        backbone,
-        output,
-        "--resolution",
-        "full",
-        "--max-steps",
-        "1",
-        "--head",
-        "multilayer",
-        "--head-width",
-        "32",
-        "--loss",
-        "ce+dice",
-        "--dice-weight",
-        "0.5",
-    )
+    flags = "--resolution full --max-steps 1 --head multilayer --head-width 32 --loss ce+dice --dice-weight 0.5".split()
+    arguments = training_args(release, backbone, output, *flags)
     assert run_training.main([str(a) for a in arguments[1:]]) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["resolution"]["content_size"] == [96, 128] and config["resolution"]["padded_size"] == [96, 128]

@@ -40,9 +40,7 @@ import ablate  # noqa: E402
 @pytest.fixture(scope="module")
 def release(demo_release, tmp_path_factory):
     """Our own copy of the demo release (training caches mask statistics in it)."""
-    destination = tmp_path_factory.mktemp("reliability") / "sarrarp"
-    shutil.copytree(demo_release, destination)
-    return destination
+    return shutil.copytree(demo_release, tmp_path_factory.mktemp("reliability") / "sarrarp")
 
 
 def train_in_process(release, backbone, output, *extra) -> int:
@@ -59,9 +57,7 @@ def short_run(release, backbone, tmp_path_factory):
 
 @pytest.fixture
 def run_copy(short_run, tmp_path):
-    destination = tmp_path / "run"
-    shutil.copytree(short_run, destination)
-    return destination
+    return shutil.copytree(short_run, tmp_path / "run")
 
 
 def resume(release, backbone, output, *extra, steps=3) -> int:
@@ -215,15 +211,7 @@ def test_ablate_reuses_a_configuration_only_if_it_was_made_with_the_same_setting
         str(tmp_path / "data"),
         "--output-directory",
         str(output),
-        "--heads",
-        "mlp",
-        "--losses",
-        "ce",
-        "--max-steps",
-        "5",
-        "--",
-        "--batch-size",
-        "2",
+        *"--heads mlp --losses ce --max-steps 5 -- --batch-size 2".split(),
     ]
     args = ablate.parse_args(argv)
     config = ablate.expand_grid(args.backbones, ["lora"], ["16"], ["mlp"], ["ce"], ["half"])[0]
@@ -557,10 +545,7 @@ def model_with_predictions(short_run, release, tmp_path_factory):
         str(release),
         "--model-directory",
         str(model),
-        "--num-workers",
-        "0",
-        "--checkpoint",
-        "last",
+        *"--num-workers 0 --checkpoint last".split(),
     ]
     assert run_inference.main([*base, "--split", "val"]) == 0
     assert run_inference.main([*base, "--split", "test", "--tta", "flip"]) == 0

@@ -80,7 +80,7 @@ def test_short_names_expand_to_the_released_hub_ids_and_unknown_ones_list_the_kn
 def test_a_gated_mlp_backbone_trains_with_lora_on_all_linear_layers(tmp_path):
     """The ViT-S+/H+/7B variants use a SwiGLU MLP (gate/up/down projections)."""
     save_tiny_backbone(tmp_path / "swiglu", use_gated_mlp=True)
-    model = tiny_model(tmp_path / "swiglu", lora_target_modules=["all-linear"])
+    model = tiny_model(tmp_path / "swiglu", lora=model_module.LoRA(target_modules=["all-linear"]))
     adapted = {name.split(".")[-4] for name, p in model.named_parameters() if "lora_A" in name}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     logits = model(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), output_size=(32, 32))
@@ -89,8 +89,8 @@ def test_a_gated_mlp_backbone_trains_with_lora_on_all_linear_layers(tmp_path):
 
 
 def test_a_bfloat16_backbone_keeps_trainable_weights_in_float32_and_predicts_close_to_float32(backbone):
-    full = tiny_model(backbone, lora_dropout=0.0).eval()
-    half = tiny_model(backbone, lora_dropout=0.0, backbone_dtype="bfloat16").eval()
+    full = tiny_model(backbone, lora=model_module.LoRA(dropout=0.0)).eval()
+    half = tiny_model(backbone, lora=model_module.LoRA(dropout=0.0), backbone_dtype="bfloat16").eval()
     assert half.vit().embeddings.patch_embeddings.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in half.parameters() if p.requires_grad)
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
@@ -124,14 +124,7 @@ def test_full_changes_the_backbone_and_reloads_for_inference_without_flags(demo_
             demo_release,
             backbone,
             run,
-            "--max-steps",
-            "3",
-            "--backbone-training",
-            "full",
-            "--backbone-lr",
-            "1e-3",
-            "--layer-decay",
-            "0.5",
+            *"--max-steps 3 --backbone-training full --backbone-lr 1e-3 --layer-decay 0.5".split(),
         )
     )
     saved = backbone_weights(run)
@@ -149,30 +142,14 @@ def test_full_changes_the_backbone_and_reloads_for_inference_without_flags(demo_
         demo_release,
         "--model-directory",
         run,
-        "--checkpoint",
-        "last",
-        "--split",
-        "val",
-        "--num-workers",
-        "0",
+        *"--checkpoint last --split val --num-workers 0".split(),
     )
     assert "official score" in predicted.stdout
 
 
 def test_layer_wise_decay_gives_earlier_layers_smaller_learning_rates(backbone):
     args = run_training.parse_args(
-        [
-            "--backbone-training",
-            "full",
-            "--lr",
-            "1e-3",
-            "--backbone-lr",
-            "1e-2",
-            "--layer-decay",
-            "0.5",
-            "--head-lr",
-            "3e-3",
-        ]
+        "--backbone-training full --lr 1e-3 --backbone-lr 1e-2 --layer-decay 0.5 --head-lr 3e-3".split()
     )
     groups = run_training.parameter_groups(tiny_model(backbone, backbone_training="full"), args)
     assert groups[0]["lr"] == 3e-3  # the head
@@ -193,46 +170,14 @@ def test_every_mode_resumes_after_a_kill_to_the_same_weights(demo_release, backb
 def test_early_stopping_stops_at_the_validation_that_exhausts_the_patience(demo_release, backbone, tmp_path):
     run = tmp_path / "early"
     # Learning rates of 0: the first validation is the best and no later one improves on it.
-    result = run_script(
-        *training_args(
-            demo_release,
-            backbone,
-            run,
-            "--max-steps",
-            "20",
-            "--val-every",
-            "2",
-            "--lr",
-            "0",
-            "--head-lr",
-            "0",
-            "--early-stop-patience",
-            "3",
-        )
-    )
+    early_stopping = "--max-steps 20 --val-every 2 --lr 0 --head-lr 0 --early-stop-patience 3".split()
+    result = run_script(*training_args(demo_release, backbone, run, *early_stopping))
     assert [r["step"] for r in records(run) if "val" in r] == [2, 4, 6, 8]
     stop = [r for r in records(run) if "early_stop" in r]
     assert [r["step"] for r in stop] == [8] and "has not improved for 3 validations" in stop[0]["early_stop"]
     assert "early stop at step 8" in result.stdout
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
-    resumed = run_script(
-        *training_args(
-            demo_release,
-            backbone,
-            run,
-            "--max-steps",
-            "20",
-            "--val-every",
-            "2",
-            "--lr",
-            "0",
-            "--head-lr",
-            "0",
-            "--early-stop-patience",
-            "3",
-            "--resume",
-        )
-    )
+    resumed = run_script(*training_args(demo_release, backbone, run, *early_stopping, "--resume"))
     assert "holds a finished run (step 8)" in resumed.stdout
 
 
@@ -338,18 +283,7 @@ def test_a_recipe_run_saves_its_resolved_settings(demo_release, backbone, tmp_pa
         backbone,
         "--output-directory",
         run,
-        "--resolution",
-        "quarter",
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "2",
-        "--num-workers",
-        "0",
-        "--head-hidden",
-        "64",
-        "--val-every",
-        "2",
+        *"--resolution quarter --batch-size 2 --max-steps 2 --num-workers 0 --head-hidden 64 --val-every 2".split(),
     )
     config = json.loads((run / "config.json").read_text())
     assert config["arguments"]["config"] == str(recipe) and config["arguments"]["optimizer"] == "adam"

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import run_inference
-from conftest import ROOT, decode_all, run_script
-from make_tiny_backbone import save_tiny_backbone
+from conftest import ROOT, decode_all, train_with_own_backbone
 
 VIDEO = "test/video_41/video_left.avi"  # 3 s at 60 fps, 128x96, masks and extracted frames at 0, 60, 120
 
@@ -21,35 +20,21 @@ VIDEO = "test/video_41/video_left.avi"  # 3 s at 60 fps, 128x96, masks and extra
 @pytest.fixture(scope="module")
 def model(demo_release, tmp_path_factory):
     """A tiny trained model that has also predicted the test split the release way (extracted frames)."""
-    root = tmp_path_factory.mktemp("video_model")
-    save_tiny_backbone(root / "tiny-dinov3")
-    run_script(
-        ROOT / "run_training.py",
-        "--data-directory",
-        demo_release,
-        "--output-directory",
-        root / "model",
-        "--backbone",
-        root / "tiny-dinov3",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--resolution",
-        "quarter",
-        "--warmup-steps",
-        "1",
-        "--head",
-        "patch-mlp",
+    flags = (
+        "--max-steps 3 --batch-size 2 --num-workers 0 --resolution quarter --warmup-steps 1 --head patch-mlp".split()
     )
-    assert infer("--data-directory", demo_release, "--model-directory", root / "model", "--num-workers", "0") == 0
-    return root / "model"
+    model = train_with_own_backbone(demo_release, tmp_path_factory.mktemp("video_model"), *flags)
+    assert infer("--data-directory", demo_release, "--model-directory", model, "--num-workers", "0") == 0
+    return model
 
 
 def infer(*args):
     return run_inference.main([str(a) for a in args])
+
+
+def infer_video(model, video, output, *args):
+    """run_inference on one --input into --output; returns the exit code."""
+    return infer("--model-directory", model, "--input", video, "--output", output, *args)
 
 
 def read_video(path):
@@ -65,20 +50,7 @@ def mask_indices(folder):
 
 def test_the_overlay_has_every_frame_and_the_masks_are_the_release_paths_predictions(model, demo_release, tmp_path):
     out = tmp_path / "out"
-    assert (
-        infer(
-            "--model-directory",
-            model,
-            "--input",
-            demo_release / VIDEO,
-            "--output",
-            out,
-            "--save-masks",
-            "--batch-size",
-            "3",
-        )
-        == 0
-    )
+    assert infer_video(model, demo_release / VIDEO, out, *"--save-masks --batch-size 3".split()) == 0
     source, source_fps = read_video(demo_release / VIDEO)
     frames, fps = read_video(out / "overlay.mp4")
     assert len(frames) == len(source) == 180 and fps == source_fps == 60 and frames[0].shape == source[0].shape
@@ -97,44 +69,16 @@ def test_the_overlay_has_every_frame_and_the_masks_are_the_release_paths_predict
 
 def test_every_start_and_end_choose_the_frames_by_index(model, demo_release, tmp_path):
     out = tmp_path / "out"
-    assert (
-        infer(
-            "--model-directory",
-            model,
-            "--input",
-            demo_release / VIDEO,
-            "--output",
-            out,
-            "--save-masks",
-            "--every",
-            "10",
-            "--start",
-            "1",
-            "--end",
-            "2.5",
-        )
-        == 0
-    )
+    assert infer_video(model, demo_release / VIDEO, out, *"--save-masks --every 10 --start 1 --end 2.5".split()) == 0
     assert mask_indices(out / "masks") == list(range(60, 150, 10))
     assert len(read_video(out / "overlay.mp4")[0]) == 90
     smoothed = tmp_path / "smoothed"
     assert (
-        infer(
-            "--model-directory",
+        infer_video(
             model,
-            "--input",
             demo_release / VIDEO,
-            "--output",
             smoothed,
-            "--save-masks",
-            "--every",
-            "10",
-            "--start",
-            "1",
-            "--end",
-            "2.5",
-            "--temporal-smoothing",
-            "0.9",
+            *"--save-masks --every 10 --start 1 --end 2.5 --temporal-smoothing 0.9".split(),
         )
         == 0
     )
@@ -205,15 +149,7 @@ def test_a_killed_run_leaves_no_overlay_that_looks_finished(model, demo_release,
         str(demo_release / VIDEO),
         "--output",
         str(out),
-        "--save-masks",
-        "--batch-size",
-        "1",
-        "--tta",
-        "flip",
-        "--tta-scales",
-        "1",
-        "2",
-        "3",
+        *"--save-masks --batch-size 1 --tta flip --tta-scales 1 2 3".split(),
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
