@@ -332,6 +332,13 @@ def fill_unused(weights, expected: dict[str, torch.Tensor]) -> dict[str, torch.T
     return filled
 
 
+def shape_mismatches(weights: dict, expected: dict) -> list[str]:
+    """'name (shape) vs (expected shape)' of every tensor whose shape differs from the expected one's."""
+    return [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(t.shape)}" for k, t in expected.items() if weights[k].shape != t.shape
+    ]
+
+
 def check_complete(weights, expected, path) -> None:
     missing = [k for k in expected if k not in weights]
     if missing:
@@ -341,14 +348,10 @@ def check_complete(weights, expected, path) -> None:
             f"{path} is missing {len(missing)} weight(s){where}, e.g. {', '.join(missing[:3])} in "
             "transformers' naming: is the file complete?"
         )
-    wrong = [
-        f"{k} {tuple(weights[k].shape)} (expected {tuple(t.shape)})"
-        for k, t in expected.items()
-        if weights[k].shape != t.shape
-    ]
+    wrong = shape_mismatches(weights, expected)
     if wrong:
         raise WeightFileError(
-            f"{path}: tensor shapes disagree with the architecture they imply: {', '.join(wrong[:2])}"
+            f"{path}: tensor shapes disagree with the architecture they imply (file vs expected): {', '.join(wrong[:2])}"
         )
 
 

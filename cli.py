@@ -2,6 +2,7 @@
 the one-line error at exit, and the autocast precision."""
 
 import argparse
+import math
 import sys
 
 import torch
@@ -34,29 +35,87 @@ def check_ranges(parser, args, at_least_one=(), non_negative=()) -> None:
             parser.error(f"{flag(name)} must not be negative")
 
 
-def config_file_arguments(parser: argparse.ArgumentParser, path: str) -> list[str]:
-    """The settings of a YAML/JSON file as command-line tokens, so argparse checks them as it checks flags. A setting
-    is a flag without '--'; true/false switch a flag that takes no value, a list gives a flag's values."""
+class SettingsLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a settings file needs none, and nested aliases can expand to any size."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not allowed in a settings file")
+        return super().compose_node(parent, index)
+
+
+def read_settings(parser: argparse.ArgumentParser, path: str) -> dict:
+    """A YAML/JSON file of settings named as the flags without '--' (lora_rank: 8), each a value or a list of values;
+    a switch takes true or false."""
     try:
         with open(path, encoding="utf-8") as f:
-            settings = yaml.safe_load(f)  # JSON is YAML
+            settings = yaml.load(f, Loader=SettingsLoader)  # JSON is YAML
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         parser.error(f"cannot read --config {path}: {first_line(error)}")
     if not isinstance(settings, dict):
         parser.error(f"--config {path} must hold settings as 'name: value' lines")
-    defaults = vars(parser.parse_args([]))
-    tokens = []
+    defaults, checked = vars(parser.parse_args([])), {}
     for key, value in settings.items():
         name = str(key).replace("-", "_")
         if name not in defaults or name == "config":
             parser.error(
                 f"--config {path}: unknown setting {key!r} (settings are the flags without '--', e.g. lora_rank)"
             )
-        if defaults[name] is False:  # a switch (store_true)
-            tokens += [flag(name)] if value else []
-        elif value is not None:
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str | int | float | bool) for v in values):
+            parser.error(f"--config {path}: {key} must be a value or a list of values, got {value!r}")
+        if defaults[name] is False and not isinstance(value, bool):
+            parser.error(f"--config {path}: {key} is a switch: write true or false, not {value!r}")
+        checked[name] = value
+    return checked
+
+
+def settings_as_flags(settings: dict, switches: set) -> list[str]:
+    """Settings as command-line tokens, so that argparse checks them as it checks flags."""
+    tokens = []
+    for name, value in settings.items():
+        if name in switches:
+            tokens.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
             tokens += [flag(name), *map(str, value if isinstance(value, list) else [value])]
     return tokens
+
+
+def given_settings(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The settings argv gives itself (argparse leaves a setting it has no value for as the namespace holds it)."""
+    defaults = vars(parser.parse_args([]))
+    unset = object()
+    parsed, _ = parser.parse_known_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset)))
+    return {name for name, value in vars(parsed).items() if value is not unset}
+
+
+def parse_with_settings(parser, argv: list[str], groups=()) -> tuple[argparse.Namespace, dict[str, str]]:
+    """argv over the settings of its --config FILE: a setting given on the command line wins over the file's, and so
+    does it over the file's settings of its group (an alias, or a setting that overrides another). Returns the
+    arguments and where each setting given came from ("the command line" or "--config FILE")."""
+    given = given_settings(parser, argv)
+    sources = dict.fromkeys(given, "the command line")
+    config_file = parser.parse_known_args(argv)[0].config
+    if not config_file:
+        return parser.parse_args(argv), sources
+    overridden = given | {name for group in groups if given & set(group) for name in group}
+    settings = {n: v for n, v in read_settings(parser, config_file).items() if n not in overridden}
+    sources.update(dict.fromkeys(settings, f"--config {config_file}"))
+    switches = {name for name, default in vars(parser.parse_args([])).items() if default is False}
+    return parser.parse_args(settings_as_flags(settings, switches) + argv), sources
+
+
+def finite_float(text: str) -> float:
+    """A float type for argparse that refuses NaN and infinity."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def first_line(error: BaseException, limit: int = 120) -> str:
@@ -70,23 +129,36 @@ def one_line(error: BaseException) -> str:
     return message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
 
 
-def exit_code(work, args, expected: tuple, then: str = "then run it again") -> int:
-    """Run work(args): its exit code (0 for None), or 1 with one line on stderr for an expected error or a data loader
-    worker that died (never a traceback, never a token); then: what to do after freeing memory."""
+def exit_code(work, args, expected: tuple, again: str = "run it again") -> int:
+    """Run work(args): its exit code (0 for None), or one line on stderr and 1 for an expected error, a data loader
+    worker that died or memory that ran out, 130 for Ctrl-C: never a traceback, never a token. again: how to go on."""
     try:
         return work(args) or 0
     except expected as error:
         print(f"error: {redact_tokens(one_line(error))}", file=sys.stderr)
-        return 1
-    except RuntimeError as error:
-        if "DataLoader worker" not in str(error):
-            raise
-        print(
-            f"error: a data loader worker died ({first_line(error)}), often killed by the system when memory "
-            f"runs out: lower --num-workers or --batch-size, {then}",
-            file=sys.stderr,
+    except KeyboardInterrupt:
+        print(f"error: interrupted, with nothing half-written under a final name: {again} to go on", file=sys.stderr)
+        return 130
+    except (RuntimeError, MemoryError) as error:
+        print(f"error: {resource_error(error)}, then {again}", file=sys.stderr)
+    return 1
+
+
+def resource_error(error: BaseException) -> str:
+    """What ran out, for memory errors and a data loader worker killed (often by the out-of-memory killer); any other
+    error is raised again."""
+    gpu = isinstance(error, torch.OutOfMemoryError)
+    if gpu or isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        return (
+            f"out of {'GPU' if gpu else 'main'} memory ({first_line(error, 80)}): lower --batch-size, the "
+            "resolution or the number of --tta-scales"
         )
-        return 1
+    if "DataLoader worker" in str(error):
+        return (
+            f"a data loader worker died ({first_line(error)}), often killed by the system when memory runs out: "
+            "lower --num-workers or --batch-size"
+        )
+    raise error
 
 
 def precision_for(requested: str | None, device: torch.device) -> str:

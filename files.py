@@ -1,18 +1,24 @@
 """Files the pipeline writes and PNGs it reads: atomic writes (a killed run never leaves a truncated file under a
 real name), the leftovers of killed writes, and PNG header checks."""
 
+import errno
+import fcntl
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from cli import first_line
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 PNG_GREY, PNG_PALETTE = 0, 3
 PNG_COLOUR_TYPES = (2, 4, 6)  # RGB, grey + alpha, RGBA
+FULL_DISK_BYTES = 16 * 2**20  # less free space than this after a failed write: the disk is full
 
 
 def png_header(head: bytes) -> tuple[int, int, int, int] | None:
@@ -58,6 +64,31 @@ def find_folders(root: Path, is_wanted) -> list[Path]:
     return found
 
 
+class LockedError(OSError):
+    """Another process holds the lock; pid is the holder's, as it wrote it."""
+
+    def __init__(self, pid: str):
+        super().__init__(f"locked by process {pid}")
+        self.pid = pid
+
+
+def lock_file(path: Path):
+    """An exclusive lock on path for this process's life: the kernel drops it when the process ends, so a killed run
+    never blocks the next one. LockedError if another process holds it."""
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise LockedError(holder) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def partial_path(path: Path) -> Path:
     """Where path is written before it is renamed into place: hidden, and named by the writing process."""
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -83,11 +114,32 @@ def process_is_running(pid: int) -> bool:
     return True
 
 
+class WriteError(OSError):
+    """Writing an output failed; the message names the file and why (a full disk says so)."""
+
+
+def why_not_written(path: Path, error: BaseException) -> str:
+    """Why writing path failed, in words: a full disk is named as such even when a library reports it in its own terms
+    (torch.save's "unexpected pos", safetensors' I/O errors)."""
+    if getattr(error, "errno", None) == errno.ENOSPC:
+        return "no space left on device"
+    try:
+        if shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free < FULL_DISK_BYTES:
+            return "no space left on device"
+    except OSError:
+        pass
+    return getattr(error, "strerror", None) or first_line(error)
+
+
 def write_bytes_atomically(path: Path, data: bytes) -> None:
     """Write under a temporary name, then rename: a killed run never leaves a truncated file under the real name."""
     temporary = partial_path(path)
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path} ({why_not_written(path, error)})") from None
 
 
 def write_json_atomically(path: Path, data) -> None:

@@ -19,6 +19,7 @@ import dataset
 import discovery
 import files
 import hub
+import outputs
 import plots
 import report
 from metrics import SCORED_CLASSES
@@ -203,39 +204,25 @@ def on_device(args, members, source_size):
     return device, precision, cli.autocast_for(precision, device)
 
 
-def predict_frames(args, members, frames, source_size, predictions_directory: Path) -> None:
-    """Write every frame's prediction (and picture) under predictions_directory/VIDEO/, then how they were made."""
+def predict_frames(args, members, frames, source_size, root: Path) -> str:
+    """Write every frame's prediction (and picture) under root/VIDEO/; returns the precision used."""
     device, precision, autocast = on_device(args, members, source_size)
     sizes, passes = inference_passes(members, source_size, args.tta, args.tta_scales)
-
-    videos = sorted({video for video, _, _ in frames})
-    report.forget_predictions(predictions_directory, videos)
-    loader = DataLoader(
-        FrameDataset([frame for _, frame, _ in frames], sizes),
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    for video in {video for video, _, _ in frames}:
+        (root / video / "segmentation").mkdir(parents=True, exist_ok=True)
+        (root / video / "visualisations").mkdir(exist_ok=True)
+    frame_data = FrameDataset([frame for _, frame, _ in frames], sizes)
+    loader = DataLoader(frame_data, args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     writers = min(8, os.cpu_count() or 1)
-    progress = tqdm(
-        total=len(frames),
-        desc="predicting" + (f" ({len(passes)} passes a frame)" if len(passes) > 1 else ""),
-        unit="frame",
-    )
-    with ThreadPoolExecutor(writers) as pool:  # PNG encoding and pictures overlap with the model
+    described = "predicting" + (f" ({len(passes)} passes a frame)" if len(passes) > 1 else "")
+    # PNG encoding and pictures overlap with the model
+    with ThreadPoolExecutor(writers) as pool, tqdm(total=len(frames), desc=described, unit="frame") as progress:
         pending, done = collections.deque(), 0
         for inputs in loader:
             labels = predict(passes, [x.to(device, non_blocking=True) for x in inputs], source_size, autocast)
             for (video, frame, mask), frame_labels in zip(frames[done : done + len(labels)], labels.cpu().numpy()):
                 pending.append(
-                    pool.submit(
-                        save_frame_outputs,
-                        frame_labels,
-                        frame,
-                        mask,
-                        predictions_directory / video,
-                        args.min_component_size,
-                    )
+                    pool.submit(save_frame_outputs, frame_labels, frame, mask, root / video, args.min_component_size)
                 )
             done += len(labels)
             progress.update(len(labels))
@@ -243,19 +230,36 @@ def predict_frames(args, members, frames, source_size, predictions_directory: Pa
                 pending.popleft().result()
         for job in pending:
             job.result()
-    progress.close()
-    settings = inference_record(args, members, precision)
-    report.write_provenance(
-        predictions_directory,
-        {**report.read_provenance(predictions_directory), **{video: settings for video in videos}},
-    )
+    return precision
 
 
-def predict_videos(args, video_dirs: list[Path], predictions_directory: Path) -> None:
-    """Predict the ground-truth frames of these videos (every extracted frame with --all-frames) into the folder."""
+def prepare(args, video_dirs: list[Path]) -> tuple:
+    """(frames, source size, members): every input of predict_videos checked and loaded, before any output."""
     frames, source_size = list_frames(video_dirs, Path(args.data_directory), args.all_frames)
-    members = load_members(args)  # every check before anything on disk changes
-    predictions_directory.mkdir(parents=True, exist_ok=True)
-    for name in report.OUTPUT_FILES:  # stale scores never outlive the predictions they describe
-        (predictions_directory / name).unlink(missing_ok=True)
-    predict_frames(args, members, frames, source_size, predictions_directory)
+    return frames, source_size, load_members(args)
+
+
+def predict_videos(args, prepared: tuple, out: outputs.OutputFolder) -> None:
+    """Predict the frames prepare() listed into the output folder: built aside, then swapped in for what an earlier
+    run predicted of these videos, and the scores that described it removed (nothing this project did not write is
+    touched)."""
+    frames, source_size, members = prepared
+    videos = sorted({video for video, _, _ in frames})
+    planned = [
+        f"{v}/{kind}/{f.name}" for v, f, m in frames for kind in ("segmentation", "visualisations")[: 1 + bool(m)]
+    ]
+    out.claim([*planned, outputs.PROVENANCE_FILE])
+    precision = predict_frames(args, members, frames, source_size, out.staging)
+    earlier = report.read_provenance(out.path)
+    recorded = {**earlier, **dict.fromkeys(videos, inference_record(args, members, precision))}
+    files.write_json_atomically(out.staging / outputs.PROVENANCE_FILE, report.provenance(recorded))
+    if earlier:  # a kill while the frames are swapped leaves these videos without a record, not with the old one
+        out.write_json(
+            outputs.PROVENANCE_FILE, report.provenance({v: r for v, r in earlier.items() if v not in videos})
+        )
+    out.commit(replaced=[f"{video}/" for video in videos] + list(outputs.SCORE_FILES))
+
+
+def model_files(model_directories) -> dict[str, Path]:
+    """What inference reads of each model directory, which no output may be, hold or lie inside."""
+    return {f"{Path(d) / name}": Path(d) / name for d in model_directories for name in ("config.json", "best", "last")}

@@ -116,7 +116,7 @@ def resolve_head_config(head: dict | None, num_layers: int, patch_size: int = PA
         raise HeadConfigError(f"unknown head type {head['type']!r}: choose one of {', '.join(HEAD_TYPES)}")
     if head["type"] in ("mlp", "patch-mlp"):
         default = NUM_CLASSES * patch_size**2 if head["type"] == "mlp" else PATCH_MLP_HIDDEN
-        hidden = head.get("hidden") or default
+        hidden = default if head.get("hidden") is None else head["hidden"]
         if hidden < 1:
             raise HeadConfigError(f"head hidden width {hidden} must be at least 1")
         return {"type": head["type"], "hidden": hidden}
@@ -133,6 +133,19 @@ def resolve_head_config(head: dict | None, num_layers: int, patch_size: int = PA
             f"head width {width} must be a positive multiple of 32 (GroupNorm of 8 groups at width/4)"
         )
     return {"type": "multilayer", "feature_layers": sorted(layers), "width": width}
+
+
+def check_lora_targets(backbone: nn.Module, targets) -> None:
+    """Every LoRA target must name linear layers of the backbone (peft would drop a misspelt one beside a right one)."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)})
+    if ALL_LINEAR in targets and len(targets) > 1:
+        raise HeadConfigError(f"LoRA target {ALL_LINEAR} stands for every linear layer: give it alone")
+    unknown = [target for target in targets if target not in linear and target != ALL_LINEAR]
+    if unknown or not targets:
+        raise HeadConfigError(
+            f"LoRA targets {', '.join(unknown) or '(none)'} name no linear layer of the backbone: choose from "
+            f"{', '.join(linear)}, or {ALL_LINEAR}"
+        )
 
 
 def upsample_to_source(logits, padded_size, content_size, output_size) -> torch.Tensor:
@@ -186,6 +199,7 @@ class SegmentationModel(nn.Module):
         backbone.embeddings.mask_token.requires_grad_(False)  # only used for masked pretraining: never a gradient
         if backbone_training == "lora":
             lora = lora or LoRA()
+            check_lora_targets(backbone, lora.target_modules)
             targets = ALL_LINEAR if list(lora.target_modules) == [ALL_LINEAR] else list(lora.target_modules)
             adapters = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
             backbone = get_peft_model(backbone, adapters)  # freezes everything but the LoRA weights
@@ -301,12 +315,18 @@ def load_trainable_weights(model: nn.Module, path) -> None:
         raise ValueError(
             f"{path} is damaged or incomplete ({first_line(error, 80)}): restore it, or train again"
         ) from None
-    expected = set(trainable_state_dict(model))
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = trainable_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match this model: {len(missing)} trainable weights missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it saved with other backbone training, LoRA or head settings?"
+        )
+    resized = backbone_files.shape_mismatches(state, expected)
+    if resized:
+        raise ValueError(
+            f"{path} does not match this model: {len(resized)} weights differ in shape, e.g. {resized[0]} (the model's); were the "
+            "head or LoRA settings of its config.json edited?"
         )
     model.load_state_dict(state, strict=False)
 

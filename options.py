@@ -19,6 +19,13 @@ OPTIMIZERS = ("adamw", "adam")
 SCHEDULES = ("cosine", "constant")
 SELECTION_METRICS = ("score", "mIoU", "seed_mIoU")
 WORKERS = min(8, os.cpu_count() or 1)  # data loader processes by default
+# Settings that stand for each other (an alias; one that overrides the other): one on the command line overrides
+# every one of its group in the --config file.
+SWITCH = dict(
+    action=argparse.BooleanOptionalAction, default=False
+)  # a flag that is off unless given, with a --no- form
+OVERRIDING = (("resolution", "low_res"), ("epochs", "max_steps"))
+TTA_SCALES = (0.1, 4.0)  # --tta-scales bounds, relative to the training resolution
 
 
 # ----------------------------------------------------------------------------- run_training.py
@@ -55,9 +62,12 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         choices=list(dataset.RESOLUTION_SCALES),
         help="training resolution relative to the source; logits are always upsampled to the source (default: %(default)s)",
     )
-    data.add_argument("--low-res", action="store_true", help="alias for --resolution quarter (the design's flag)")
+    data.add_argument("--low-res", **SWITCH, help="alias for --resolution quarter (the design's flag)")
     data.add_argument(
-        "--val-fraction", type=float, default=0.2, help="share of operations validated on (default: %(default)s)"
+        "--val-fraction",
+        type=cli.finite_float,
+        default=0.2,
+        help="share of operations validated on (default: %(default)s)",
     )
     data.add_argument(
         "--val-videos", nargs="+", metavar="VIDEO", help="validation videos instead of a random split (e.g. video_03)"
@@ -78,9 +88,9 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         "from's flip, affine (always; scale 0.7-1.3, shift 20%%, shear 10) and colour jitter (default: %(default)s)",
     )
     data.add_argument(
-        "--cache-frames", action="store_true", help="keep a JPEG copy of each frame at training size (faster loading)"
+        "--cache-frames", **SWITCH, help="keep a JPEG copy of each frame at training size (faster loading)"
     )
-    data.add_argument("--skip-bad-samples", action="store_true", help="warn about bad frames/masks and skip them")
+    data.add_argument("--skip-bad-samples", **SWITCH, help="warn about bad frames/masks and skip them")
     data.add_argument(
         "--num-workers", type=int, default=WORKERS, help="data loader processes per GPU (default: %(default)s)"
     )
@@ -94,14 +104,18 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--image-mean",
-        type=float,
+        type=cli.finite_float,
         nargs=3,
         metavar=("R", "G", "B"),
         help="normalisation mean on a 0..1 scale (default: the backbone's preprocessor_config.json, "
         "else ImageNet's, which DINOv3 was trained with)",
     )
     model.add_argument(
-        "--image-std", type=float, nargs=3, metavar=("R", "G", "B"), help="normalisation std (as --image-mean)"
+        "--image-std",
+        type=cli.finite_float,
+        nargs=3,
+        metavar=("R", "G", "B"),
+        help="normalisation std (as --image-mean)",
     )
     model.add_argument(
         "--hf-token-file", help="file holding a Hugging Face token (else HF_TOKEN, ./hf_token.txt, or your hub login)"
@@ -121,8 +135,8 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         "needs it on most GPUs); not with --backbone-training full (default: %(default)s)",
     )
     model.add_argument("--lora-rank", type=int, default=16, help="(default: %(default)s)")
-    model.add_argument("--lora-alpha", type=float, default=32, help="(default: %(default)s)")
-    model.add_argument("--lora-dropout", type=float, default=0.1, help="(default: %(default)s)")
+    model.add_argument("--lora-alpha", type=cli.finite_float, default=32, help="(default: %(default)s)")
+    model.add_argument("--lora-dropout", type=cli.finite_float, default=0.1, help="(default: %(default)s)")
     model.add_argument(
         "--lora-targets",
         nargs="+",
@@ -174,7 +188,10 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         "none 1 (default: %(default)s)",
     )
     optimisation.add_argument(
-        "--dice-weight", type=float, default=1.0, help="the Dice term's weight in --loss ce+dice (default: %(default)s)"
+        "--dice-weight",
+        type=cli.finite_float,
+        default=1.0,
+        help="the Dice term's weight in --loss ce+dice (default: %(default)s)",
     )
     optimisation.add_argument("--epochs", type=int, default=1, help="(default: %(default)s)")
     optimisation.add_argument("--max-steps", type=int, help="optimizer steps to train for; overrides --epochs")
@@ -191,14 +208,20 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         help="adamw: decoupled weight decay; adam: weight decay added to the gradient (L2), "
         "as the design we start from with --weight-decay 0 (default: %(default)s)",
     )
-    optimisation.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate (default: %(default)s)")
-    optimisation.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default: %(default)s)")
     optimisation.add_argument(
-        "--backbone-lr", type=float, help="--backbone-training full: the last layer's learning rate (default: --lr)"
+        "--lr", type=cli.finite_float, default=2e-4, help="LoRA learning rate (default: %(default)s)"
+    )
+    optimisation.add_argument(
+        "--head-lr", type=cli.finite_float, default=1e-3, help="head learning rate (default: %(default)s)"
+    )
+    optimisation.add_argument(
+        "--backbone-lr",
+        type=cli.finite_float,
+        help="--backbone-training full: the last layer's learning rate (default: --lr)",
     )
     optimisation.add_argument(
         "--layer-decay",
-        type=float,
+        type=cli.finite_float,
         default=1.0,
         help="--backbone-training full: each earlier layer's learning rate is this times the "
         "next one's (embeddings lowest); 1 is off (default: %(default)s)",
@@ -212,9 +235,12 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     optimisation.add_argument(
         "--warmup-steps", type=int, default=100, help="linear warm-up steps; 0 for none (default: %(default)s)"
     )
-    optimisation.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
+    optimisation.add_argument("--weight-decay", type=cli.finite_float, default=0.01, help="(default: %(default)s)")
     optimisation.add_argument(
-        "--grad-clip", type=float, default=1.0, help="gradient norm clipping; 0 turns it off (default: %(default)s)"
+        "--grad-clip",
+        type=cli.finite_float,
+        default=1.0,
+        help="gradient norm clipping; 0 turns it off (default: %(default)s)",
     )
     optimisation.add_argument(
         "--precision",
@@ -223,7 +249,7 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     )
     optimisation.add_argument(
         "--gradient-checkpointing",
-        action="store_true",
+        **SWITCH,
         help="recompute activations in the backward pass: far less memory, ~30%% slower",
     )
     optimisation.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -254,9 +280,7 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     schedule.add_argument(
         "--log-every", type=int, default=10, help="log training loss every N steps (default: %(default)s)"
     )
-    schedule.add_argument(
-        "--resume", action="store_true", help="continue the run in --output-directory from its checkpoint"
-    )
+    schedule.add_argument("--resume", **SWITCH, help="continue the run in --output-directory from its checkpoint")
     schedule.add_argument(
         "--report-to",
         choices=tracking.REPORTERS,
@@ -272,44 +296,33 @@ def training_arguments(argv=None, description: str = "") -> argparse.Namespace:
     """run_training.py's flags, over the settings of --config FILE; every value checked before anything runs."""
     parser = training_parser(description)
     argv = sys.argv[1:] if argv is None else list(argv)
-    config_file = parser.parse_known_args(argv)[0].config
-    args = parser.parse_args((cli.config_file_arguments(parser, config_file) if config_file else []) + argv)
-    check_training_arguments(parser, args)
+    args, sources = cli.parse_with_settings(parser, argv, OVERRIDING)
+    check_training_arguments(parser, args, sources)
     return args
 
 
-def check_training_arguments(parser, args) -> None:
-    """Every check of run_training.py's arguments; a bad value is one line (parser.error)."""
+def check_training_arguments(parser, args, sources=None) -> None:
+    """Every check of run_training.py's arguments; a bad value is one line (parser.error). sources: where each setting
+    given came from (cli.parse_with_settings), to name it in the message."""
+    sources = sources or {}
+
+    def named(name):  # a flag, and the file it came from if not the command line
+        source = sources.get(name, "the command line")
+        return cli.flag(name) + ("" if source == "the command line" else f" (from {source})")
+
+    if args.low_res and "resolution" in sources and args.resolution != "quarter":
+        parser.error(f"{named('low_res')} and {named('resolution')} {args.resolution} disagree: give one")
     if args.low_res:  # an alias: the run records --resolution quarter either way
         args.resolution, args.low_res = "quarter", False
     if args.feature_layers:  # "3,6" "9" -> [3, 6, 9]
         args.feature_layers = [layer for part in args.feature_layers for layer in part]
+    at_least_one = ("epochs", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every", "lora_rank")
+    non_negative = ("warmup_steps", "early_stop_patience", "weight_decay", "grad_clip", "val_every", "num_workers")
     cli.check_ranges(
         parser,
         args,
-        at_least_one=(
-            "epochs",
-            "batch_size",
-            "grad_accum_steps",
-            "log_every",
-            "checkpoint_every",
-            "lora_rank",
-            "max_steps",
-            "head_hidden",
-        ),
-        non_negative=(
-            "warmup_steps",
-            "early_stop_patience",
-            "weight_decay",
-            "grad_clip",
-            "val_every",
-            "num_workers",
-            "seed",
-            "dice_weight",
-            "lr",
-            "head_lr",
-            "backbone_lr",
-        ),
+        at_least_one=(*at_least_one, "max_steps", "head_hidden"),
+        non_negative=(*non_negative, "seed", "dice_weight", "lr", "head_lr", "backbone_lr"),
     )
     folds = args.folds
     refusals = [
@@ -323,20 +336,56 @@ def check_training_arguments(parser, args) -> None:
             f"--folds {folds} needs --fold 0..{(folds or 0) - 1} (the group to validate on), got {args.fold}; "
             "scripts/cross_validate.py train trains every fold",
         ),
-        (folds is not None and args.val_videos, "--val-videos and --folds both choose the validation videos: give one"),
+        (
+            folds is not None and args.val_videos,
+            f"{named('val_videos')} and {named('folds')} both choose the validation videos: give one",
+        ),
         (folds is None and args.fold is not None, "--fold needs --folds K"),
         (not 0 < args.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
-        (args.feature_layers and args.head != "multilayer", "--feature-layers applies to --head multilayer"),
         (
             args.backbone_training == "full" and args.backbone_dtype != "float32",
             "--backbone-training full trains every backbone weight, which needs --backbone-dtype float32",
         ),
-        ((args.image_mean is None) != (args.image_std is None), "--image-mean and --image-std go together: give both"),
+        (
+            (args.image_mean is None) != (args.image_std is None),
+            f"{named('image_mean')} and {named('image_std')} go together: give both",
+        ),
         (args.image_std is not None and not min(args.image_std) > 0, "--image-std must be positive"),
     ]
     for refused, message in refusals:
         if refused:
             parser.error(message)
+    refuse_unused(parser, args, sources, named)
+
+
+def refuse_unused(parser, args, sources: dict, named) -> None:
+    """A setting given for a mode that does not use it is refused if the command line gave it; a --config file's is
+    set back to its default with a note (a recipe serves several modes, e.g. in benchmarks/ablate.py): either way no
+    run records a setting that had no effect."""
+    full, lora, multilayer = (
+        args.backbone_training == "full",
+        args.backbone_training == "lora",
+        args.head == "multilayer",
+    )
+    uses = {
+        "layer_decay": (full, "--backbone-training full"),
+        "backbone_lr": (full, "--backbone-training full"),
+        **dict.fromkeys(
+            ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"), (lora, "--backbone-training lora")
+        ),
+        "head_hidden": (not multilayer, "--head mlp and patch-mlp"),
+        "head_width": (multilayer, "--head multilayer"),
+        "feature_layers": (multilayer, "--head multilayer"),
+        "dice_weight": (args.loss == "ce+dice", "--loss ce+dice"),
+        "val_fraction": (not (args.folds or args.val_videos), "a random split (not with --val-videos or --folds)"),
+    }
+    for name, (used, where) in uses.items():
+        if name not in sources or used:
+            continue
+        if sources[name] == "the command line":
+            parser.error(f"{cli.flag(name)} applies to {where}")
+        print(f"note: {named(name)} applies to {where}: not used", file=sys.stderr)
+        setattr(args, name, parser.get_default(name))
 
 
 # ----------------------------------------------------------------------------- run_inference.py
@@ -369,7 +418,7 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
         "from DATA/train (default: %(default)s)",
     )
     parser.add_argument(
-        "--eval-only", action="store_true", help="re-score the predictions in MODEL/inference without loading the model"
+        "--eval-only", **SWITCH, help="re-score the predictions in MODEL/inference without loading the model"
     )
     parser.add_argument(
         "--predictions-directory",
@@ -394,7 +443,7 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument(
         "--tta-scales",
         nargs="+",
-        type=float,
+        type=cli.finite_float,
         default=[1.0],
         metavar="S",
         help="also average over the frame resized to S x each model's training resolution (padded to "
@@ -407,7 +456,7 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
         help="relabel connected blobs of a class smaller than this many pixels with the label around them (default: 0, off)",
     )
     parser.add_argument(
-        "--all-frames", action="store_true", help="also predict every extracted frame that has no ground-truth mask"
+        "--all-frames", **SWITCH, help="also predict every extracted frame that has no ground-truth mask"
     )
     parser.add_argument(
         "--precision",
@@ -424,7 +473,7 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
     )
     any_input.add_argument(
         "--save-masks",
-        action="store_true",
+        **SWITCH,
         help="video: also write each predicted frame's class ids to masks/{frame index:09d}.png (the release's naming)",
     )
     any_input.add_argument(
@@ -435,14 +484,18 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
         help="video: predict the frames whose index is a multiple of N; the overlay shows the latest prediction (default: 1)",
     )
     any_input.add_argument(
-        "--start", type=float, default=0.0, metavar="SECONDS", help="video: first second to segment (default: 0)"
+        "--start",
+        type=cli.finite_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="video: first second to segment (default: 0)",
     )
     any_input.add_argument(
-        "--end", type=float, metavar="SECONDS", help="video: segment up to this second (default: the end)"
+        "--end", type=cli.finite_float, metavar="SECONDS", help="video: segment up to this second (default: the end)"
     )
     any_input.add_argument(
         "--temporal-smoothing",
-        type=float,
+        type=cli.finite_float,
         default=0.0,
         metavar="ALPHA",
         help="video: average the class probabilities over the predicted frames, each new one weighing "
@@ -454,13 +507,15 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
 def inference_arguments(argv=None, description: str = "") -> argparse.Namespace:
     """run_inference.py's flags, every value checked before anything runs."""
     parser = inference_parser(description)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    check_inference_arguments(parser, args)
+    check_inference_arguments(parser, args, cli.given_settings(parser, argv))
     return args
 
 
-def check_inference_arguments(parser, args) -> None:
-    """Every check of run_inference.py's arguments; a bad value is one line (parser.error)."""
+def check_inference_arguments(parser, args, given=()) -> None:
+    """Every check of run_inference.py's arguments; a bad value is one line (parser.error). given: the settings the
+    command line gave, refused where they would have no effect."""
     cli.check_ranges(parser, args, at_least_one=("batch_size", "every"))
     ensemble = len(args.model_directory) > 1
     refusals = [
@@ -469,6 +524,11 @@ def check_inference_arguments(parser, args) -> None:
         (
             not all(0 < scale < math.inf for scale in args.tta_scales),
             f"--tta-scales must be positive numbers, got {' '.join(map(str, args.tta_scales))}",
+        ),
+        (
+            not all(TTA_SCALES[0] <= scale <= TTA_SCALES[1] for scale in args.tta_scales),
+            f"--tta-scales must be from {TTA_SCALES[0]} to {TTA_SCALES[1]} times the training resolution, got "
+            f"{' '.join(map(str, args.tta_scales))}",
         ),
         (
             not 0 <= args.start < math.inf or (args.end is not None and not args.start < args.end < math.inf),
@@ -491,3 +551,18 @@ def check_inference_arguments(parser, args) -> None:
     for refused, message in refusals:
         if refused:
             parser.error(message)
+    scoring_only = args.eval_only or args.predictions_directory
+    video = bool(args.input) and not os.path.isdir(args.input)
+    uses = {
+        **dict.fromkeys(("save_masks", "every", "start", "end", "temporal_smoothing"), (video, "--input VIDEO")),
+        "all_frames": (not args.input, "the release's videos (not --input)"),
+        "split": (not args.input, "the release's videos (not --input)"),
+        **dict.fromkeys(
+            ("tta", "tta_scales", "min_component_size", "backbone", "precision"),
+            (not scoring_only, "predicting (not --eval-only or --predictions-directory)"),
+        ),
+    }
+    for name in given:
+        used, where = uses.get(name, (True, ""))
+        if not used:
+            parser.error(f"{cli.flag(name)} applies to {where}")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,22 +21,13 @@ import numpy as np
 
 import dataset
 import files
+import outputs
 import plots
 from dataset import THIN_CLASSES
 from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, read_label_png, summarize
+from outputs import PROVENANCE_FILE, SCORE_FILES
 from plots import CLASS_COLOURS
 
-OUTPUT_FILES = (
-    "metrics.json",
-    "per_class.csv",
-    "per_frame.csv",
-    "confusion_matrix.png",
-    "per_class_scores.png",
-    "per_video_scores.png",
-    "report.html",
-)
-PROVENANCE_FILE = "predicted_with.json"  # how the predictions of each video in a folder were made
-SCORES_MANIFEST = ".scores_by_run_inference.json"  # the score files this tool wrote into a folder it did not make
 SEED_MIOU_NOTE = (
     "the seed pipeline's own metric: per-frame IoU over the classes present in prediction or ground truth, "
     "mean over all frames of all videos; not the official score"
@@ -136,12 +128,12 @@ def swatch(name: str) -> str:
 def frame_card(frame: dict, caption: str, directory: Path) -> str:
     """A frame's visualisation (frame | prediction | ground truth) where one was written, else its name only."""
     path = f"{frame['video']}/visualisations/{frame['frame']}.png"
-    picture, name = html.escape(path), html.escape(f"{frame['video']}/{frame['frame']}")
+    picture, name = html.escape(urllib.parse.quote(path)), html.escape(f"{frame['video']}/{frame['frame']}")
     text = f"{html.escape(frame['video'])} / {html.escape(frame['frame'])}: {caption}"
     if not (directory / path).is_file():
         return f'<figure data-frame="{name}"><figcaption>{text} <span class="none">(no visualisation)</span></figcaption></figure>'
     return (
-        f'<figure data-frame="{name}"><a href="{picture}"><img src="{picture}" loading="lazy" alt="{picture}"></a>'
+        f'<figure data-frame="{name}"><a href="{picture}"><img src="{picture}" loading="lazy" alt="{html.escape(path)}"></a>'
         f"<figcaption>{text}</figcaption></figure>"
     )
 
@@ -270,13 +262,14 @@ def score_predictions(
     args,
     ground_truth_directory: Path,
     videos: list[str],
-    predictions_directory: Path,
+    out: outputs.OutputFolder,
     predicted_here: bool,
     one_run: bool = True,
 ) -> dict:
-    """Score the folder's predictions of these videos, write metrics.json and the other outputs, print the table.
-    one_run=False: the videos were predicted by different runs on purpose (cross-validation folds)."""
-    check_outputs_are_ours(predictions_directory, predicted_here)
+    """Score the predictions of these videos in the output folder, write metrics.json and the other outputs, print
+    the table. one_run=False: the videos were predicted by different runs on purpose (cross-validation folds)."""
+    predictions_directory = out.path
+    claim_scores(out, predicted_here)
     result = evaluate_directories(ground_truth_directory, predictions_directory, videos=videos, per_frame=True)
     frames = result.pop("per_frame")
     provenance, warnings = provenance_of(predictions_directory, videos, one_run)
@@ -304,9 +297,16 @@ def score_predictions(
         "warnings": warnings,
         "background_only": background_only_score(ground_truth_directory, videos),
     }
+    out.record(SCORE_FILES, begun=True)  # before they are written: a killed write is this project's too
     write_scores(metrics, frames, predictions_directory)
+    out.record(SCORE_FILES)
     print_report(metrics, predictions_directory, pictured=predicted_here)
     return metrics
+
+
+def claim_scores(out: outputs.OutputFolder, predicted_here: bool) -> None:
+    """Refuse a folder whose score files are not this project's, before any work."""
+    out.claim(SCORE_FILES, instead="choose another output folder" if predicted_here else "score a copy of the folder")
 
 
 def background_only_score(ground_truth_directory: Path, videos: list[str]) -> dict:
@@ -342,14 +342,11 @@ def print_scores(result: dict, step: int) -> None:
 
 
 def write_scores(metrics: dict, frames: list[dict], directory: Path) -> None:
-    """Every output of OUTPUT_FILES, metrics.json last: its presence means every other one is complete."""
+    """Every one of SCORE_FILES, metrics.json last: its presence means every other one is complete."""
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["class", "IoU", "NSD"])
     writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
-    files.write_json_atomically(
-        directory / SCORES_MANIFEST, list(OUTPUT_FILES)
-    )  # before them: a killed write is ours too
     files.write_bytes_atomically(directory / "per_class.csv", table.getvalue().encode())
     plots.confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
     plots.class_scores(metrics, directory / "per_class_scores.png")
@@ -412,20 +409,9 @@ def read_provenance(directory: Path) -> dict:
         return {}
 
 
-def write_provenance(directory: Path, videos: dict) -> None:
-    files.write_json_atomically(directory / PROVENANCE_FILE, {"videos": dict(sorted(videos.items()))})
-
-
-def forget_predictions(directory: Path, videos: list[str]) -> None:
-    """Remove the record and the files of what an earlier run predicted for these videos (and what a killed write
-    left), so that each video folder holds the frames of one run."""
-    write_provenance(directory, {v: r for v, r in read_provenance(directory).items() if v not in videos})
-    for video in videos:
-        for folder in (directory / video / "segmentation", directory / video / "visualisations"):
-            folder.mkdir(parents=True, exist_ok=True)
-            files.remove_partial_files(folder)
-            for old in folder.glob("*.png"):
-                old.unlink()
+def provenance(videos: dict) -> dict:
+    """predicted_with.json of these videos' records."""
+    return {"videos": dict(sorted(videos.items()))}
 
 
 def provenance_of(directory: Path, videos: list[str], one_run: bool = True) -> tuple[dict | None, list[str]]:
@@ -451,20 +437,3 @@ def provenance_of(directory: Path, videos: list[str], one_run: bool = True) -> t
             )
         return {"mixed": True, "videos": known}, warnings
     return (next(iter(known.values())) if known else None), warnings
-
-
-def check_outputs_are_ours(directory: Path, predicted_here: bool) -> None:
-    """Refuse to overwrite a score file this tool did not write: one listed in the folder's manifest (written with
-    the scores), or any in a folder run_inference.py predicted into, is its own."""
-    if predicted_here or (directory / PROVENANCE_FILE).is_file():
-        return
-    try:
-        claimed = set(json.loads((directory / SCORES_MANIFEST).read_text()))
-    except (OSError, ValueError, TypeError):
-        claimed = set()
-    for name in OUTPUT_FILES:
-        if (directory / name).exists() and name not in claimed:
-            raise dataset.DataError(
-                f"{directory / name} exists and was not written by run_inference.py: move it away, "
-                "or score a copy of the folder"
-            )

@@ -8,8 +8,6 @@ refused. Only rank 0 writes; every check runs on every rank, so that all ranks t
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -24,6 +22,7 @@ from safetensors import SafetensorError
 import dataset
 import distributed
 import files
+import outputs
 import plots
 import tracking
 from backbone_files import architecture, resolve_backbone
@@ -76,6 +75,10 @@ class RunDirectory:
 
     def check_request(self, args) -> dict | None:
         """The saved config.json of the run to resume (None for a new run), after checking that the request fits."""
+        inputs = {"the training data": Path(args.data_directory) / "train"}
+        if os.path.exists(args.backbone):
+            inputs["the backbone"] = Path(args.backbone)
+        outputs.check_apart(self.path, inputs)
         if not args.resume:
             if self.checkpoint_path.exists():
                 raise RunDirectoryError(
@@ -303,21 +306,15 @@ def check_fingerprints(saved_config: dict, current: dict) -> None:
 
 
 def lock_run_directory(output: Path):
-    """An exclusive lock on output/.lock for this process's life (the kernel drops it when a run dies, so a killed
-    run never blocks its --resume); a second run into the same directory is refused."""
-    lock = open(output / ".lock", "a+")
+    """An exclusive lock on output/.lock for this process's life (files.lock_file): a second run into the same
+    directory is refused, a killed run never blocks its --resume."""
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
+        return files.lock_file(output / ".lock")
+    except files.LockedError as error:
         raise RunDirectoryError(
-            f"another training run (pid {lock.read().strip() or '?'}) is writing to {output}: "
-            "wait for it to finish, or choose another --output-directory"
+            f"another training run (pid {error.pid}) is writing to {output}: wait for it to finish, or choose another "
+            "--output-directory"
         ) from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock
 
 
 # ----------------------------------------------------------------------------- the metrics log
@@ -346,7 +343,7 @@ def writing(path: Path):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as error:
-        reason = "no space left on device" if getattr(error, "errno", None) == errno.ENOSPC else first_line(error)
+        reason = files.why_not_written(path, error)
         raise SaveError(
             f"could not write {path} ({reason}): free disk space or fix the folder, then continue the run "
             "with --resume from its last checkpoint"

@@ -27,6 +27,7 @@ import discovery
 import hub
 import inference
 import options
+import outputs
 import report
 import video
 from model import ModelDirectoryError
@@ -89,16 +90,18 @@ def run(args) -> None:
     ground_truth_directory, video_dirs = split_video_dirs(Path(args.data_directory), model_directories, args.split)
     predictions_directory = Path(args.predictions_directory or args.output or model_directories[0] / "inference")
     predicting = not (args.eval_only or args.predictions_directory)
-    if predicting:
-        inference.predict_videos(args, video_dirs, predictions_directory)
-    elif not predictions_directory.is_dir():
+    if not predicting and not predictions_directory.is_dir():
         raise dataset.DataError(
             f"{predictions_directory} does not exist"
             + ("" if args.predictions_directory else ": run without --eval-only first to make predictions")
         )
-    report.score_predictions(
-        args, ground_truth_directory, [video_dir.name for video_dir in video_dirs], predictions_directory, predicting
-    )
+    prepared = inference.prepare(args, video_dirs) if predicting else None  # every input checked before any output
+    models = inference.model_files(model_directories) if predicting else {}
+    with outputs.OutputFolder(predictions_directory, {"the ground truth": ground_truth_directory, **models}) as out:
+        report.claim_scores(out, predicting)
+        if predicting:
+            inference.predict_videos(args, prepared, out)
+        report.score_predictions(args, ground_truth_directory, [v.name for v in video_dirs], out, predicting)
 
 
 EXPECTED_ERRORS = (

@@ -26,6 +26,7 @@ import distributed
 import hub
 import losses
 import options
+import outputs
 import plots
 import report
 import run_directory
@@ -192,7 +193,7 @@ def parameter_groups(model, args) -> list[dict]:
     by_layer = {}
     for name, parameter in backbone:
         by_layer.setdefault(backbone_layer(name, num_layers), []).append(parameter)
-    top = args.backbone_lr or args.lr
+    top = args.lr if args.backbone_lr is None else args.backbone_lr
     return groups + [
         {"params": params, "lr": top * args.layer_decay ** max(0, num_layers - layer)}
         for layer, params in sorted(by_layer.items())
@@ -469,6 +470,7 @@ EXPECTED_ERRORS = (
     hub.BackboneError,
     HeadConfigError,
     tracking.TrackingError,
+    outputs.OutputError,
     FloatingPointError,
     OSError,
 )
@@ -477,7 +479,7 @@ EXPECTED_ERRORS = (
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return cli.exit_code(train, args, EXPECTED_ERRORS, then="then continue with --resume")
+        return cli.exit_code(train, args, EXPECTED_ERRORS, again="continue with --resume")
     finally:
         distributed.close()
 

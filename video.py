@@ -18,8 +18,9 @@ from tqdm import tqdm
 import dataset
 import files
 import inference
+import outputs
 import plots
-import report
+from discovery import MASK_NAME
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -116,12 +117,19 @@ def decode_frames(path: Path, first: int, stop: int, prepare, out: queue.Queue, 
         capture.release()
 
 
+def encoded_size(size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the overlay video of frames of size: each side rounded up to even."""
+    return tuple(side + side % 2 for side in size)
+
+
 def encode_frames(path: Path, size: tuple[int, int], fps: float, draw, jobs: queue.Queue, halt: threading.Event) -> int:
-    """Draw each queued job (draw(job) -> RGB frame) and encode it into an H.264 MP4 at path; returns the count."""
-    height, width = size
+    """Draw each queued job (draw(job) -> RGB frame) and encode it into an H.264 MP4 at path; returns the count. H.264
+    (yuv420p) needs even sides: an odd side is padded by a black pixel, never rescaled (encoded_size)."""
+    (height, width), (even_height, even_width) = size, encoded_size(size)
+    padding = ((0, even_height - height), (0, even_width - width), (0, 0))
     writer = imageio_ffmpeg.write_frames(
         str(path),
-        (width, height),
+        (even_width, even_height),
         fps=fps,
         codec="libx264",
         quality=None,
@@ -139,7 +147,7 @@ def encode_frames(path: Path, size: tuple[int, int], fps: float, draw, jobs: que
                 continue
             if job is END:
                 break
-            writer.send(np.ascontiguousarray(draw(job)))
+            writer.send(np.ascontiguousarray(np.pad(draw(job), padding)))
             count += 1
     finally:
         writer.close()
@@ -147,9 +155,17 @@ def encode_frames(path: Path, size: tuple[int, int], fps: float, draw, jobs: que
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The images of a folder; two that share a name (a.png, a.jpg) are refused: their masks would be one file."""
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise dataset.DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    by_name = {}
+    for image in images:
+        if image.stem in by_name:
+            raise dataset.DataError(
+                f"{by_name[image.stem]} and {image} share a name, and would share a mask: rename one"
+            )
+        by_name[image.stem] = image
     return images
 
 
@@ -207,10 +223,8 @@ def segment_video(
     (at most MAX_WAITING of them), so memory is bounded whatever the video's length."""
     halt = threading.Event()
     decoded, drawn = queue.Queue(QUEUE_FRAMES), queue.Queue(QUEUE_FRAMES)
-    decoder = Stage(
-        lambda: decode_frames(source, first, stop, lambda i, f: prepare(f) if i % every == 0 else None, decoded, halt),
-        "decode",
-    )
+    inputs_of = lambda index, frame: prepare(frame) if index % every == 0 else None  # noqa: E731
+    decoder = Stage(lambda: decode_frames(source, first, stop, inputs_of, decoded, halt), "decode")
     written = []
     encoder = Stage(
         lambda: written.append(encode_frames(overlay_path, info.size, info.fps, draw, drawn, halt)), "encode"
@@ -241,7 +255,9 @@ def segment_video(
         encoder.join_checked()
         decoder.join_checked()
     finally:
-        halt.set()
+        halt.set()  # on an error or Ctrl-C: both threads stop, the decoder releases the video, ffmpeg is closed
+        decoder.join()
+        encoder.join()
     return written[0]
 
 
@@ -279,42 +295,27 @@ def frame_predictor(args, passes, source_size, autocast, device):
     return predict_batch
 
 
-def clear_folder(folder: Path, pattern: str) -> None:
-    """An output folder with nothing of an earlier run in it (nor what a killed write left)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files.remove_partial_files(folder)
-    for old in folder.glob(pattern):
-        old.unlink()
-
-
-def segment_video_file(args, source: Path, out: Path) -> None:
+def segment_video_file(args, source: Path, out: outputs.OutputFolder) -> None:
     info = probe_video(source)
     first, stop = frame_range(info, args.start, args.end)
     members = inference.load_members(args)  # every check before anything on disk changes
-    final = out / "overlay.mp4"
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (final, out / report.PROVENANCE_FILE):
-        stale.unlink(missing_ok=True)
-    files.remove_partial_files(out)
-    if args.save_masks:
-        clear_folder(out / "masks", "*.png")
+    masks = [p for p in (out.path / "masks").glob("*.png") if MASK_NAME.fullmatch(p.name)] if args.save_masks else []
+    predicted = [f"masks/{p.name}" for p in masks if first <= int(p.stem) < stop and int(p.stem) % args.every == 0]
+    out.claim(["overlay.mp4", outputs.PROVENANCE_FILE, *predicted])
     device, precision, autocast = inference.on_device(args, members, info.size)
     sizes, passes = inference.inference_passes(members, info.size, args.tta, args.tta_scales)
+    (out.staging / "masks").mkdir(exist_ok=True)
 
     def save_mask(index, labels):
         if args.save_masks:
-            files.write_image_atomically(out / "masks" / f"{index:09d}.png", labels)
+            files.write_image_atomically(out.staging / "masks" / f"{index:09d}.png", labels)
 
-    written = write_overlay(
-        args,
-        source,
-        info,
-        (first, stop),
-        final,
-        save_mask,
+    model = dict(
         prepare=lambda frame: [dataset.scale_image(frame, size) for size in sizes],
         predict_batch=frame_predictor(args, passes, info.size, autocast, device),
     )
+    written = write_overlay(args, source, info, (first, stop), out, save_mask, **model)
+    check_frame_count(source, info, first, stop, written)
     record = {
         "input": str(source),
         "fps": info.fps,
@@ -324,86 +325,100 @@ def segment_video_file(args, source: Path, out: Path) -> None:
         "temporal_smoothing": args.temporal_smoothing,
         "masks": args.save_masks,
     }
-    files.write_json_atomically(
-        out / report.PROVENANCE_FILE, {**inference.inference_record(args, members, precision), **record}
+    provenance = {**inference.inference_record(args, members, precision), **record}
+    files.write_json_atomically(out.staging / outputs.PROVENANCE_FILE, provenance)
+    out.commit(replaced=("overlay.mp4", *(["masks/"] if args.save_masks else [])))
+    shown = f"; masks: {out.path / 'masks'}/" if args.save_masks else ""
+    (height, width), (even_height, even_width) = info.size, encoded_size(info.size)
+    size = f"{width}x{height}" + (
+        f", padded to {even_width}x{even_height} for H.264" if height % 2 or width % 2 else ""
     )
-    masks = f"; masks: {out / 'masks'}/" if args.save_masks else ""
-    print(f"overlay: {final} ({written} frames at {info.fps:g} fps, {info.size[1]}x{info.size[0]}){masks}")
+    print(f"overlay: {out.path / 'overlay.mp4'} ({written} frames at {info.fps:g} fps, {size}){shown}")
 
 
-def write_overlay(args, source: Path, info: VideoInfo, frames: tuple[int, int], final: Path, save_mask, **model) -> int:
-    """segment_video into final's partial name, renamed to final once complete: a killed or failed run never leaves a
-    finished-looking overlay. model: prepare and predict_batch."""
+def check_frame_count(source: Path, info: VideoInfo, first: int, stop: int, written: int) -> None:
+    """Refuse a video that decodes to another frame count than its container says: frames lost to damage or a cut-off
+    file would give every later mask the index of another frame. A source that states no count is taken as decoded."""
+    if info.frames <= 0:
+        return
+    expected = min(stop, info.frames) - first
+    if written < expected or (stop == UNTIL_THE_END and written != expected):
+        raise dataset.DataError(
+            f"{source} decodes to {first + written} frames but its container says {info.frames}: it is damaged or "
+            "truncated, so the masks would carry wrong frame indices (nothing was written); repair or re-export it"
+        )
+
+
+def write_overlay(
+    args, source: Path, info: VideoInfo, frames: tuple, out: outputs.OutputFolder, save_mask, **model
+) -> int:
+    """segment_video into the staging folder's overlay.mp4 (moved into place only once complete); model: prepare and
+    predict_batch."""
     first, stop = frames
     total = min(stop, info.frames) - first if info.frames > 0 else None
-    progress = tqdm(total=total, desc=f"segmenting {source.name}", unit="frame")
-    partial = files.partial_path(final)
-    try:
-        written = segment_video(
-            source,
-            info,
-            first,
-            stop,
-            every=args.every,
-            batch_size=args.batch_size,
-            draw=plots.video_frame,
-            overlay_path=partial,
-            save_mask=save_mask,
-            progress=progress,
-            **model,
-        )
-        if not written:
-            raise dataset.DataError(f"{source} has no frames from {args.start:g} s on")
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
-        progress.close()
+    with tqdm(total=total, desc=f"segmenting {source.name}", unit="frame") as progress:
+        try:
+            written = segment_video(
+                source,
+                info,
+                first,
+                stop,
+                every=args.every,
+                batch_size=args.batch_size,
+                draw=plots.video_frame,
+                overlay_path=out.staging / "overlay.mp4",
+                save_mask=save_mask,
+                progress=progress,
+                **model,
+            )
+        except files.WriteError:
+            raise  # a mask's, naming its file
+        except OSError as error:  # the encoder's: a full disk, an ffmpeg that died
+            final = out.path / "overlay.mp4"
+            raise files.WriteError(f"could not write {final} ({files.why_not_written(final, error)})") from None
+    if not written:
+        raise dataset.DataError(f"{source} has no frames from {args.start:g} s on")
     return written
 
 
-def segment_image_folder(args, source: Path, out: Path) -> None:
+def segment_image_folder(args, source: Path, out: outputs.OutputFolder) -> None:
     images = list_images(source)
     members = inference.load_members(args)
-    clear_folder(out / "masks", "*.png")
-    clear_folder(out / "overlays", "*.jpg")
-    (out / report.PROVENANCE_FILE).unlink(missing_ok=True)
+    names = [p.stem for p in images]
+    out.claim([f"masks/{n}.png" for n in names] + [f"overlays/{n}.jpg" for n in names] + [outputs.PROVENANCE_FILE])
+    for folder in ("masks", "overlays"):
+        (out.staging / folder).mkdir()
     device, precision, autocast = None, None, None
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for path, frame in tqdm(
-            zip(images, pool.map(dataset.read_image, images)),
-            total=len(images),
-            desc=f"segmenting {source.name}",
-            unit="image",
-        ):
+        decoded = zip(images, pool.map(dataset.read_image, images))
+        for path, frame in tqdm(decoded, total=len(images), desc=f"segmenting {source.name}", unit="image"):
             if device is None:
                 device, precision, autocast = inference.on_device(args, members, frame.shape[:2])
             sizes, passes = inference.inference_passes(members, frame.shape[:2], args.tta, args.tta_scales)
             predict_one = frame_predictor(args, passes, frame.shape[:2], autocast, device)
             labels = predict_one([[dataset.scale_image(frame, size) for size in sizes]])[0]
-            files.write_image_atomically(out / "masks" / f"{path.stem}.png", labels)
+            files.write_image_atomically(out.staging / "masks" / f"{path.stem}.png", labels)
+            overlay = cv2.cvtColor(plots.video_frame((frame, labels)), cv2.COLOR_RGB2BGR)
             files.write_image_atomically(
-                out / "overlays" / f"{path.stem}.jpg",
-                cv2.cvtColor(plots.video_frame((frame, labels)), cv2.COLOR_RGB2BGR),
-                (cv2.IMWRITE_JPEG_QUALITY, 90),
+                out.staging / "overlays" / f"{path.stem}.jpg", overlay, (cv2.IMWRITE_JPEG_QUALITY, 90)
             )
-    files.write_json_atomically(
-        out / report.PROVENANCE_FILE,
-        {
-            **inference.inference_record(args, members, precision),
-            "input": str(source),
-            "images": [path.name for path in images],
-        },
-    )
-    print(f"masks: {out / 'masks'}/, overlays: {out / 'overlays'}/ ({len(images)} images)")
+    record = {
+        **inference.inference_record(args, members, precision),
+        "input": str(source),
+        "images": [p.name for p in images],
+    }
+    files.write_json_atomically(out.staging / outputs.PROVENANCE_FILE, record)
+    out.commit(replaced=("masks/", "overlays/"))
+    print(f"masks: {out.path / 'masks'}/, overlays: {out.path / 'overlays'}/ ({len(images)} images)")
 
 
 def segment_input(args) -> None:
     """--input: a video or a folder of images, with no ground truth."""
     source = Path(args.input)
     check_input(source)
-    out = Path(
-        args.output
-        or Path(args.model_directory[0]) / "predictions" / (source.stem if source.is_file() else source.name)
-    )
-    check_writable(out)
-    (segment_video_file if source.is_file() else segment_image_folder)(args, source, out)
+    name = source.stem if source.is_file() else source.name
+    path = Path(args.output or Path(args.model_directory[0]) / "predictions" / name)
+    check_writable(path)
+    inputs = {"the --input": source, **inference.model_files(args.model_directory)}
+    with outputs.OutputFolder(path, inputs) as out:
+        (segment_video_file if source.is_file() else segment_image_folder)(args, source, out)

@@ -32,6 +32,7 @@ import dataset  # noqa: E402
 import files  # noqa: E402
 import hub  # noqa: E402
 import inference  # noqa: E402
+import outputs  # noqa: E402
 import report  # noqa: E402
 import run_directory  # noqa: E402
 import run_inference  # noqa: E402
@@ -119,13 +120,14 @@ def train_folds(args, training_arguments: list[str]) -> int:
             "--output-directory",
             str(directory),
         ]
-        if run_training.main(argv + (["--resume"] if state == "interrupted" else [])) != 0:
+        code = run_training.main(argv + (["--resume"] if state == "interrupted" else []))
+        if code != 0:
             print(
                 f"error: fold {fold} stopped (see above); run the same command again to carry on: finished folds "
                 "are skipped",
                 file=sys.stderr,
             )
-            return 1
+            return code  # 130 after Ctrl-C
     if rank_0:
         print(
             f"all {args.folds} folds trained; score them: python scripts/cross_validate.py score {output}/fold_* "
@@ -256,18 +258,22 @@ def score_folds(args, inference_arguments: list[str]) -> int:
         str(output),
         *inference_arguments,
     ]
-    video_dirs = []
-    for directory, split in folds:
-        print(f"fold {split['fold']}: predicting its {len(split['val'])} validation videos with {directory}")
-        fold_args = run_inference.parse_args(["--model-directory", str(directory), *common])
-        ground_truth, fold_video_dirs = run_inference.split_video_dirs(Path(args.data_directory), [directory], "val")
-        inference.predict_videos(fold_args, fold_video_dirs, output)
-        video_dirs += fold_video_dirs
-    metrics = report.score_predictions(
-        fold_args, ground_truth, [v.name for v in video_dirs], output, predicted_here=True, one_run=False
-    )
-    result = summarize_folds(folds, metrics, args.checkpoint)
-    write_fold_table(result, output)
+    ground_truth, video_dirs = Path(args.data_directory) / "train", []
+    inputs = {"the ground truth": ground_truth, **inference.model_files([directory for directory, _ in folds])}
+    with outputs.OutputFolder(output, inputs, "cross_validate.py") as out:
+        out.claim([*outputs.SCORE_FILES, "folds.csv", RESULT_FILE])
+        for directory, split in folds:
+            print(f"fold {split['fold']}: predicting its {len(split['val'])} validation videos with {directory}")
+            fold_args = run_inference.parse_args(["--model-directory", str(directory), *common])
+            _, fold_video_dirs = run_inference.split_video_dirs(Path(args.data_directory), [directory], "val")
+            inference.predict_videos(fold_args, inference.prepare(fold_args, fold_video_dirs), out)
+            video_dirs += fold_video_dirs
+        names = [v.name for v in video_dirs]
+        metrics = report.score_predictions(fold_args, ground_truth, names, out, predicted_here=True, one_run=False)
+        out.record(["folds.csv", RESULT_FILE], begun=True)
+        result = summarize_folds(folds, metrics, args.checkpoint)
+        write_fold_table(result, output)
+        out.record(["folds.csv", RESULT_FILE])
     print_folds(result, output)
     return 0
 

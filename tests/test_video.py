@@ -153,9 +153,11 @@ def test_a_killed_run_leaves_no_overlay_that_looks_finished(model, demo_release,
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((out / "masks").glob("*.png")) and time.time() < deadline and process.poll() is None:
+    # masks are built aside (in out/.staging-PID/) and moved into place only once the overlay is complete
+    while not list(out.glob(".staging-*/masks/*.png")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert list((out / "masks").glob("*.png")), "the run never got going"
+    assert list(out.glob(".staging-*/masks/*.png")), "the run never got going"
     assert not (out / "overlay.mp4").exists() and not (out / "predicted_with.json").exists()
+    assert not list((out / "masks").glob("*.png"))  # no mask under its final name either

@@ -1,0 +1,397 @@
+"""Trust every result (issue 21): settings mean what they say, inputs are checked before work starts, and every fault is
+one line. Each test is a case a careful or a careless user meets; each failed on the main of before."""
+
+import errno
+import json
+import shutil
+import types
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+
+import files
+import model as model_module
+import report
+import run_directory
+import run_inference
+import run_training
+from conftest import ROOT, decode_all
+from test_reliability import one_line_error, train_in_process
+
+INFER = ROOT / "run_inference.py"
+
+
+@pytest.fixture(scope="module")
+def release(demo_release, tmp_path_factory):
+    """Our own copy of the demo release (training caches mask statistics in it)."""
+    return shutil.copytree(demo_release, tmp_path_factory.mktemp("trust") / "sarrarp")
+
+
+@pytest.fixture(scope="module")
+def trained(release, backbone, tmp_path_factory):
+    """A finished 2-step run. Copy it to change it."""
+    output = tmp_path_factory.mktemp("trained") / "run"
+    assert train_in_process(release, backbone, output, "--max-steps", "2") == 0
+    return output
+
+
+def recipe(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def refused(capsys, *argv) -> str:
+    """run_training.py's one-line refusal (exit code 2) of these arguments."""
+    with pytest.raises(SystemExit) as exit_code:
+        run_training.parse_args([str(a) for a in argv])
+    assert exit_code.value.code == 2
+    return one_line_error(capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------- 4. settings mean what they say
+
+
+def test_the_command_line_overrides_the_recipe_aliases_included(tmp_path):
+    low = recipe(tmp_path, "low_res: true\nmax_steps: 50\n")
+    args = run_training.parse_args(["--config", str(low), "--resolution", "half", "--epochs", "3"])
+    assert (args.resolution, args.max_steps, args.epochs) == ("half", None, 3)
+    quarter = recipe(tmp_path, "resolution: full\nepochs: 4\n")
+    args = run_training.parse_args(["--config", str(quarter), "--low-res", "--max-steps", "7"])
+    assert (args.resolution, args.max_steps) == ("quarter", 7)
+
+
+def test_a_switch_in_a_recipe_takes_true_or_false_and_every_switch_can_be_turned_off(tmp_path, capsys):
+    quoted = recipe(tmp_path, 'cache_frames: "false"\n')
+    assert "cache_frames is a switch: write true or false, not 'false'" in refused(capsys, "--config", quoted)
+    on = recipe(tmp_path, "cache_frames: true\ngradient_checkpointing: true\n")
+    args = run_training.parse_args(["--config", str(on), "--no-cache-frames"])
+    assert (args.cache_frames, args.gradient_checkpointing) == (False, True)
+
+
+def test_a_mutual_exclusion_says_which_side_came_from_the_recipe(tmp_path, capsys):
+    folds = recipe(tmp_path, "folds: 2\nfold: 0\n")
+    line = refused(capsys, "--config", folds, "--val-videos", "video_01")
+    assert f"--val-videos and --folds (from --config {folds}) both choose the validation videos" in line
+
+
+def test_a_zero_backbone_learning_rate_trains_the_backbone_at_zero(backbone):
+    model = model_module.build_model(str(backbone), backbone_training="full")
+    args = run_training.parse_args(["--backbone-training", "full", "--backbone-lr", "0", "--lr", "1e-3"])
+    groups = run_training.parameter_groups(model, args)
+    assert groups[0]["lr"] == args.head_lr and all(group["lr"] == 0 for group in groups[1:])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--layer-decay", "0.5"], "--layer-decay applies to --backbone-training full"),
+        (["--backbone-training", "frozen", "--lora-rank", "8"], "--lora-rank applies to --backbone-training lora"),
+        (["--head", "multilayer", "--head-hidden", "64"], "--head-hidden applies to --head mlp and patch-mlp"),
+        (["--dice-weight", "2"], "--dice-weight applies to --loss ce+dice"),
+        (["--val-videos", "video_01", "--val-fraction", "0.3"], "--val-fraction applies to a random split"),
+    ],
+)
+def test_an_option_that_has_no_effect_in_the_chosen_mode_is_refused(arguments, message, capsys):
+    assert message in refused(capsys, *arguments)
+
+
+def test_a_recipe_setting_that_the_mode_does_not_use_is_dropped_with_a_note_not_recorded(tmp_path, capsys):
+    seed_like = recipe(tmp_path, "lora_rank: 8\nhead_hidden: 2560\n")
+    args = run_training.parse_args(
+        ["--config", str(seed_like), "--backbone-training", "frozen", "--head", "multilayer"]
+    )
+    assert (args.lora_rank, args.head_hidden) == (16, None)  # the defaults: config.json records what was used
+    notes = capsys.readouterr().err
+    assert f"note: --lora-rank (from --config {seed_like}) applies to --backbone-training lora: not used" in notes
+
+
+def test_every_lora_target_must_name_a_layer_of_the_backbone(release, backbone, tmp_path, capsys):
+    for targets, named in ((["q_proj", "qproj"], "qproj"), (["nothing"], "nothing")):
+        output = tmp_path / targets[-1]
+        assert train_in_process(release, backbone, output, "--max-steps", "1", "--lora-targets", *targets) == 1
+        line = one_line_error(capsys.readouterr().err)
+        assert f"LoRA targets {named} name no linear layer of the backbone: choose from" in line and "q_proj" in line
+        assert not output.exists()  # refused before anything was written
+
+
+def test_a_recipe_with_yaml_aliases_is_refused_before_it_can_expand(tmp_path, capsys):
+    laughs = recipe(tmp_path, 'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n')
+    assert "aliases (*name) are not allowed in a settings file" in refused(capsys, "--config", laughs)
+
+
+# ----------------------------------------------------------------------------- 5. inputs are checked before work starts
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--lr", "inf"],
+        ["--lr", "nan"],
+        ["--image-mean", "0.5", "nan", "0.5", "--image-std", "0.2", "0.2", "0.2"],
+        ["--image-mean", "0.5", "0.5", "0.5", "--image-std", "0.2", "0.2", "inf"],
+    ],
+)
+def test_nan_and_infinite_values_are_refused_when_parsed(arguments, capsys):
+    assert "is not a finite number" in refused(capsys, *arguments)
+
+
+def test_an_infinite_value_in_a_recipe_is_refused(tmp_path, capsys):
+    assert "is not a finite number" in refused(capsys, "--config", recipe(tmp_path, "lr: .inf\n"))
+
+
+@pytest.mark.parametrize("scale", ["1e-9", "400"])
+def test_test_time_scales_have_sane_bounds(scale, capsys):
+    with pytest.raises(SystemExit):
+        run_inference.parse_args(["--tta-scales", "1", scale])
+    assert "--tta-scales must be from 0.1 to 4.0 times the training resolution" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--eval-only", "--tta", "flip"], "--tta applies to predicting (not --eval-only"),
+        (["--every", "10"], "--every applies to --input VIDEO"),
+        (["--input", "x.mp4", "--all-frames"], "--all-frames applies to the release's videos"),
+    ],
+)
+def test_an_inference_option_that_has_no_effect_is_refused(arguments, message, capsys):
+    with pytest.raises(SystemExit):
+        run_inference.parse_args(arguments)
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 6. one line, never a traceback
+
+
+def test_an_edited_head_or_lora_setting_in_config_json_is_one_line(release, trained, tmp_path, capsys):
+    for key, value in (("head", {"type": "mlp", "hidden": 64}), ("lora", {"rank": 4})):
+        model = shutil.copytree(trained, tmp_path / key)
+        config = json.loads((model / "config.json").read_text())
+        config[key] = {**config[key], **value}
+        (model / "config.json").write_text(json.dumps(config))
+        assert run_inference.main(["--data-directory", str(release), "--model-directory", str(model)]) == 1
+        line = one_line_error(capsys.readouterr().err)
+        assert "does not match this model" in line and "differ in shape" in line
+        assert not (model / "inference").exists()
+
+
+@pytest.mark.parametrize(
+    "raised, said",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out of GPU memory"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"), "out of main memory"),
+        (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "), "a data loader worker died"),
+    ],
+)
+def test_memory_that_runs_out_during_inference_is_one_line(release, trained, monkeypatch, capsys, raised, said):
+    def out_of_memory(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(model_module.SegmentationModel, "forward", out_of_memory)
+    assert run_inference.main(["--data-directory", str(release), "--model-directory", str(trained)]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"error: {said}") and line.endswith("then run it again")
+
+
+def test_ctrl_c_in_training_is_one_line_and_the_run_resumes(release, backbone, tmp_path, monkeypatch, capsys):
+    output, real_step, steps = tmp_path / "run", run_training.train_step, []
+
+    def interrupted_at_step_3(training, batches, step):
+        steps.append(step)
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(training, batches, step)
+
+    monkeypatch.setattr(run_training, "train_step", interrupted_at_step_3)
+    arguments = ("--max-steps", "4", "--checkpoint-every", "1")
+    assert train_in_process(release, backbone, output, *arguments) == 130
+    line = one_line_error(capsys.readouterr().err)
+    assert line == "error: interrupted, with nothing half-written under a final name: continue with --resume to go on"
+    assert not list(output.glob(".*.partial")) and not list((output / "last").glob(".*.partial"))
+    monkeypatch.undo()
+    assert train_in_process(release, backbone, output, *arguments, "--resume") == 0
+    assert torch.load(output / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_ctrl_c_in_inference_is_one_line(release, trained, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module.SegmentationModel, "forward", interrupted)
+    output = tmp_path / "predictions"
+    arguments = ["--data-directory", str(release), "--model-directory", str(trained), "--output", str(output)]
+    assert run_inference.main(arguments) == 130
+    assert one_line_error(capsys.readouterr().err).startswith("error: interrupted")
+
+
+def test_a_full_disk_is_named_as_such_even_in_torch_s_words(tmp_path, monkeypatch):
+    def torch_on_a_full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 320 vs 256")
+
+    monkeypatch.setattr(torch, "save", torch_on_a_full_disk)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    parts = (model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+    with pytest.raises(run_directory.SaveError, match=r"checkpoint.pt \(no space left on device\)"):
+        run_directory.save_checkpoint(tmp_path / "checkpoint.pt", *parts, {"step": 1})
+
+
+def test_a_full_disk_during_inference_names_the_file(release, trained, tmp_path, monkeypatch, capsys):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.Path, "write_bytes", full)
+    output = tmp_path / "predictions"
+    arguments = ["--data-directory", str(release), "--model-directory", str(trained), "--output", str(output)]
+    assert run_inference.main(arguments) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith(f"error: could not write {output}") and line.endswith("(no space left on device)")
+
+
+def test_report_links_are_url_encoded(tmp_path):
+    frame = {"video": "video_01", "frame": "a#1?%", "IoU": [0.5] * 9, "NSD": [0.5] * 9, "false_positives": [0] * 9}
+    picture = tmp_path / "video_01" / "visualisations" / "a#1?%.png"
+    picture.parent.mkdir(parents=True)
+    picture.write_bytes(b"png")
+    card = report.frame_card(frame, "caption", tmp_path)
+    assert (
+        'href="video_01/visualisations/a%231%3F%25.png"' in card
+        and 'src="video_01/visualisations/a%231%3F%25.png"' in card
+    )
+
+
+# ----------------------------------------------------------------------------- 1. nothing of the user's is deleted
+
+
+def infer(*argv) -> int:
+    return run_inference.main([str(a) for a in argv])
+
+
+def test_predicting_into_the_ground_truth_is_refused_before_anything_is_written(release, trained, capsys):
+    test = release / "test"
+    before = {p: p.read_bytes() for p in test.rglob("segmentation/*.png")}
+    assert infer("--data-directory", release, "--model-directory", trained, "--output", test) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{test} is the ground truth" in line and "choose an output folder apart from the inputs" in line
+    assert {p: p.read_bytes() for p in test.rglob("segmentation/*.png")} == before
+    assert not list(test.glob(".*")) and not (test / "metrics.json").exists()
+
+
+@pytest.fixture
+def images(release, tmp_path):
+    """A folder of two frames of the release, as a user's folder of images."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, frame in zip(
+        ("first.png", "second.png"), sorted((release / "test" / "video_41" / "frames").glob("*.png"))
+    ):
+        shutil.copy(frame, folder / name)
+    return folder
+
+
+def test_an_output_folder_holding_or_inside_the_input_is_refused_and_the_input_kept(trained, images, capsys):
+    kept = {p: p.read_bytes() for p in images.iterdir()}
+    assert infer("--model-directory", trained, "--input", images, "--output", images.parent) == 1
+    assert "holds the --input" in one_line_error(capsys.readouterr().err)
+    assert infer("--model-directory", trained, "--input", images, "--output", images / "out") == 1
+    assert "lies inside the --input" in one_line_error(capsys.readouterr().err)
+    assert {p: p.read_bytes() for p in images.iterdir()} == kept
+
+
+def test_files_the_user_put_in_an_output_folder_are_never_removed_or_replaced(trained, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "mine.png").write_bytes(b"the user's")
+    assert infer("--model-directory", trained, "--input", images, "--output", out) == 0
+    assert (out / "masks" / "mine.png").read_bytes() == b"the user's"  # left alone: not ours, not in the way
+    assert sorted(p.name for p in (out / "masks").glob("*.png")) == ["first.png", "mine.png", "second.png"]
+    (out / "overlays" / "first.jpg").unlink()
+    (out / "overlays" / "first.jpg").write_bytes(b"the user's overlay")  # now in the way of the next run
+    assert infer("--model-directory", trained, "--input", images, "--output", out) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{out / 'overlays' / 'first.jpg'} exists and was not written by run_inference.py" in line
+    assert (out / "overlays" / "first.jpg").read_bytes() == b"the user's overlay"
+
+
+def test_a_run_that_fails_half_way_leaves_the_earlier_outputs_as_they_were(trained, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert infer("--model-directory", trained, "--input", images, "--output", out) == 0
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    (images / "second.png").write_bytes(b"not an image any more")
+    assert infer("--model-directory", trained, "--input", images, "--output", out) == 1
+    assert "second.png: unreadable image" in one_line_error(capsys.readouterr().err)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")} == earlier
+
+
+def test_two_inference_runs_into_one_output_are_refused(release, trained, tmp_path, capsys):
+    out = tmp_path / "predictions"
+    out.mkdir()
+    held = files.lock_file(out / ".lock")  # as a running inference holds it
+    try:
+        assert infer("--data-directory", release, "--model-directory", trained, "--output", out) == 1
+    finally:
+        held.close()
+    assert "another run_inference.py run (pid" in one_line_error(capsys.readouterr().err)
+    assert infer("--data-directory", release, "--model-directory", trained, "--output", out) == 0
+
+
+def test_training_into_the_training_data_is_refused(release, backbone, capsys):
+    inside = release / "train" / "models"
+    assert train_in_process(release, backbone, inside, "--max-steps", "1") == 1
+    assert "lies inside the training data" in one_line_error(capsys.readouterr().err)
+    assert not inside.exists()
+
+
+# ----------------------------------------------------------------------------- 3. the video path is exact or says not
+
+
+def test_two_images_that_share_a_name_are_refused_before_anything_is_written(trained, images, tmp_path, capsys):
+    shutil.copy(images / "first.png", images / "first.jpg")
+    out = tmp_path / "out"
+    assert infer("--model-directory", trained, "--input", images, "--output", out) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{images / 'first.jpg'} and {images / 'first.png'} share a name, and would share a mask" in line
+    assert not (out / "masks").exists()
+
+
+def test_a_video_that_decodes_to_fewer_frames_than_its_container_says_is_refused(release, trained, tmp_path, capsys):
+    damaged = tmp_path / "damaged.avi"
+    data = bytearray((release / "train" / "video_01" / "video_left.avi").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4000] = bytes(4000)  # zeroed packets: the decoder drops frames
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert infer("--model-directory", trained, "--input", damaged, "--output", out, "--save-masks") == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{damaged} decodes to 176 frames but its container says 180: it is damaged or truncated" in line
+    assert not out.exists()  # no overlay, no misnumbered mask
+
+
+def test_a_truncated_video_is_refused_too(release, trained, tmp_path, capsys):
+    truncated = tmp_path / "truncated.avi"
+    data = (release / "train" / "video_01" / "video_left.avi").read_bytes()
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    assert infer("--model-directory", trained, "--input", truncated, "--output", tmp_path / "out") == 1
+    assert "but its container says 180: it is damaged or truncated" in one_line_error(capsys.readouterr().err)
+
+
+def test_an_odd_sized_video_is_padded_not_rescaled_and_says_so(trained, tmp_path, capsys):
+    odd = tmp_path / "odd.mkv"  # lossless FFV1 keeps the odd size (OpenCV's own writers round it)
+    writer = imageio_ffmpeg.write_frames(
+        str(odd), (129, 73), fps=10, codec="ffv1", macro_block_size=1, pix_fmt_out="bgr0", ffmpeg_log_level="error"
+    )
+    writer.send(None)
+    for i in range(5):
+        writer.send(np.full((73, 129, 3), 40 * i, np.uint8))
+    writer.close()
+    out = tmp_path / "out"
+    assert infer("--model-directory", trained, "--input", odd, "--output", out) == 0
+    assert "(5 frames at 10 fps, 129x73, padded to 130x74 for H.264)" in capsys.readouterr().out
+    overlay = decode_all(out / "overlay.mp4")
+    assert len(overlay) == 5 and overlay[0].shape == (74, 130, 3)
+    assert np.abs(overlay[2][-1].astype(int)).max() < 40 and np.abs(overlay[2][:, -1].astype(int)).max() < 40  # black
