@@ -30,9 +30,11 @@ def report(error: DataError, skip_bad: bool) -> None:
 
 
 def find_video_dirs(root: Path) -> list[Path]:
-    """Every video folder (one with a segmentation/ subfolder) under root, sorted by name; two of one name are an
-    error, as their frames and scores would be confused."""
-    videos = sorted(files.find_folders(root, lambda folder: (folder / "segmentation").is_dir()), key=lambda p: p.name)
+    """Every video folder under root: one named video_* that holds a segmentation/ folder, at any depth, sorted by
+    name. Training, prediction and scoring all find the videos this way. Two of one name are an error, as their
+    frames and scores would be confused."""
+    is_video = lambda folder: folder.name.startswith("video_") and (folder / "segmentation").is_dir()  # noqa: E731
+    videos = sorted(files.find_folders(root, is_video), key=lambda p: p.name)
     for first, second in zip(videos, videos[1:]):
         if first.name == second.name:
             raise DataError(f"two video folders are named {first.name}: {first} and {second}; keep one of them")

@@ -171,6 +171,7 @@ def inference_record(args, members, precision: str) -> dict:
             "backbone": args.backbone or config["backbone"],
             "head": config["head"]["type"],
             "resolution": config["resolution"]["name"],
+            "weights": files.sampled_digest(Path(directory) / args.checkpoint / "weights.safetensors"),
         }
         for directory, (_, config) in zip(args.model_directory, members)
     ]

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+import discovery
 import files
 from dataset import CLASS_NAMES, NUM_CLASSES
 
@@ -203,26 +204,25 @@ def false_positive_pixels(confusion: np.ndarray) -> np.ndarray:
     return np.where(absent, confusion.sum(0)[1:], 0)
 
 
-def ground_truth_masks(ground_truth_dir: Path, videos: list[str] | None) -> list[Path]:
-    """GT/video_*/segmentation/*.png relative to GT, of these videos (default every one); each video needs a mask."""
-    video_dirs = sorted(ground_truth_dir.glob("video_*"))
+def ground_truth_masks(ground_truth_dir: Path, videos: list[str] | None) -> dict[Path, Path]:
+    """{VIDEO/segmentation/NAME.png: its file} of the ground-truth masks of these videos (default every one), the
+    video folders found as prediction finds them (discovery.find_video_dirs: any folder with a segmentation/ inside,
+    at any depth); each video needs a mask."""
+    video_dirs = discovery.find_video_dirs(ground_truth_dir)
     if videos is not None:
         absent = sorted(set(videos) - {video.name for video in video_dirs})
         if absent:
             raise ValueError(f"{ground_truth_dir}: no video folder {', '.join(absent)}")
         video_dirs = [video for video in video_dirs if video.name in set(videos)]
-    video_dirs = [video for video in video_dirs if (video / "segmentation").is_dir()]
+    masks = {}
     for video in video_dirs:
-        if not any((video / "segmentation").glob("*.png")):
+        found = sorted((video / "segmentation").glob("*.png"))
+        if not found:
             raise ValueError(
                 f"{video / 'segmentation'}: no ground-truth masks for video {video.name}: unpack its "
                 "masks there, or move the folder out of the dataset"
             )
-    masks = [
-        mask.relative_to(ground_truth_dir)
-        for video in video_dirs
-        for mask in sorted((video / "segmentation").glob("*.png"))
-    ]
+        masks.update({Path(video.name, "segmentation", mask.name): mask for mask in found})
     if not masks:
         raise ValueError(f"{ground_truth_dir}: no video_*/segmentation/*.png ground-truth masks")
     return masks
@@ -260,16 +260,14 @@ def evaluate_directories(
     if not found:
         raise PredictionError(
             f"{prediction_dir} holds no prediction for any of the {len(masks)} ground-truth masks "
-            f"(the first would be {prediction_dir / masks[0]}): is it the right folder?"
+            f"(the first would be {prediction_dir / next(iter(masks))}): is it the right folder?"
         )
-    if os.path.samefile(ground_truth_dir / found[0], prediction_dir / found[0]):
+    if os.path.samefile(masks[found[0]], prediction_dir / found[0]):
         raise PredictionError(
             f"{prediction_dir} is the ground truth itself ({ground_truth_dir}): pass a folder of predictions"
         )
     coloured = [m.as_posix() for m in found if png_has_colour(prediction_dir / m)]
-    scored = dict(
-        zip(found, score_files([(ground_truth_dir / m, prediction_dir / m) for m in found], workers, progress))
-    )
+    scored = dict(zip(found, score_files([(masks[m], prediction_dir / m) for m in found], workers, progress)))
     zero = np.zeros(NUM_CLASSES - 1)
     frame_results, frames = {m.parts[0]: [] for m in masks}, []
     for m in masks:  # no prediction: 0 on every class, seed mIoU too; nothing added to the confusion matrix

@@ -2,6 +2,7 @@
 pixel MLP, a per-patch MLP, or a multi-layer upsampler); how it is built, and how a trained one is saved and loaded."""
 
 import contextlib
+import hashlib
 import json
 import os
 import warnings
@@ -280,6 +281,18 @@ def build_model(
     return SegmentationModel(backbone, mean, std, **settings)
 
 
+def backbone_fingerprint(model) -> str:
+    """The backbone's weights as loaded (shapes and a strided sample of values): another backbone is caught."""
+    digest = hashlib.sha256()
+    for name, tensor in model.vit().state_dict().items():
+        if "lora_" in name:
+            continue  # adapters are initialised by the run, not loaded
+        flat = tensor.detach().flatten()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -380,6 +393,10 @@ def read_model_config(path) -> dict:
             what = {str: "a string", int: "an integer", list: "a list"}.get(kind, "a number")
         if not good:
             raise ModelDirectoryError(f"{path}: key {key.rstrip('?')!r} is missing or not {what}; {damaged}")
+    if not 0 < config["resolution"]["scale"] <= 1:
+        raise ModelDirectoryError(
+            f"{path}: resolution.scale {config['resolution']['scale']} is not in (0, 1]; {damaged}"
+        )
     return config
 
 
@@ -414,6 +431,12 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
         model = build_model(backbone, token, dtype, normalization, **settings)
     except HeadConfigError as error:
         raise ModelDirectoryError(f"{config_path}: {error}") from None
+    recorded = (config.get("fingerprints") or {}).get("backbone")  # runs of earlier versions have no record
+    if recorded and backbone_fingerprint(model) != recorded:
+        raise ModelDirectoryError(
+            f"the backbone {backbone} is not the one {model_directory} was trained with (its weights differ from the "
+            "fingerprint in config.json): pass the original with --backbone, or train again"
+        )
     try:
         load_trainable_weights(model, weights_path)
     except ValueError as error:

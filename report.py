@@ -24,7 +24,7 @@ import files
 import outputs
 import plots
 from dataset import THIN_CLASSES
-from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, read_label_png, summarize
+from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, ground_truth_masks, read_label_png, summarize
 from outputs import PROVENANCE_FILE, SCORE_FILES
 from plots import CLASS_COLOURS
 
@@ -316,13 +316,10 @@ def background_only_score(ground_truth_directory: Path, videos: list[str]) -> di
         truth = read_label_png(path)
         return frame_scores(np.zeros_like(truth), truth)
 
+    masks = ground_truth_masks(ground_truth_directory, videos)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        result = summarize(
-            {
-                video: list(pool.map(score, sorted((ground_truth_directory / video / "segmentation").glob("*.png"))))
-                for video in videos
-            }
-        )
+        scores = dict(zip(masks, pool.map(score, masks.values())))
+    result = summarize({video: [s for m, s in scores.items() if m.parts[0] == video] for video in videos})
     return {key: result[key] for key in ("mIoU", "mNSD", "score")}
 
 
@@ -412,6 +409,19 @@ def read_provenance(directory: Path) -> dict:
 def provenance(videos: dict) -> dict:
     """predicted_with.json of these videos' records."""
     return {"videos": dict(sorted(videos.items()))}
+
+
+def check_still_current(directory: Path, videos: list[str]) -> None:
+    """Refuse to re-score (--eval-only) predictions whose model's weights changed since they were made: the score
+    would be credited to a model that did not make them."""
+    for video, record in read_provenance(directory).items():
+        for member in record.get("members", []) if video in videos else []:
+            weights = Path(member["model_directory"]) / record["checkpoint"] / "weights.safetensors"
+            if "weights" in member and weights.is_file() and files.sampled_digest(weights) != member["weights"]:
+                raise dataset.DataError(
+                    f"the predictions of {video} in {directory} were made with other weights than {weights} holds "
+                    "now (it was trained again since): predict again, without --eval-only"
+                )
 
 
 def provenance_of(directory: Path, videos: list[str], one_run: bool = True) -> tuple[dict | None, list[str]]:

@@ -89,12 +89,7 @@ class RunDirectory:
         if not self.checkpoint_path.exists():
             raise RunDirectoryError(f"nothing to resume: {self.checkpoint_path} does not exist")
         saved = read_run_config(self.config_path)
-        changed = [
-            f"--{k.replace('_', '-')} {saved['arguments'].get(k)} -> {v}"
-            for k, v in vars(args).items()
-            if k not in CHANGEABLE_ON_RESUME and saved["arguments"].get(k) != v
-        ]
-        changed += [f"{saved['world_size']} -> {self.world} processes"] if saved["world_size"] != self.world else []
+        changed = changed_settings(saved, args, self.world)
         if changed:
             raise RunDirectoryError(
                 f"--resume continues a run with its own settings, but these changed: {'; '.join(changed)}"
@@ -280,24 +275,35 @@ def data_fingerprint(samples, pixel_counts) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def backbone_fingerprint(model) -> str:
-    """The backbone's weights as loaded (shapes and a strided sample of values): another backbone is caught."""
-    digest = hashlib.sha256()
-    for name, tensor in model.vit().state_dict().items():
-        if "lora_" in name:
-            continue  # adapters are initialised by the run, not loaded
-        flat = tensor.detach().flatten()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+def changed_settings(saved: dict, args, world: int) -> list[str]:
+    """'--flag old -> new' of every setting of args that differs from a run's config.json, but those a resumed run may
+    change, and the number of processes."""
+    changed = [
+        f"--{k.replace('_', '-')} {saved['arguments'].get(k)} -> {v}"
+        for k, v in vars(args).items()
+        if k not in CHANGEABLE_ON_RESUME and saved["arguments"].get(k) != v
+    ]
+    return changed + ([f"{saved['world_size']} -> {world} processes"] if saved["world_size"] != world else [])
+
+
+def frames_fingerprint(samples) -> str:
+    """Every frame the run can use (name and a sampled digest of its file): replaced or swapped frames are caught."""
+    listing = [[s.video, s.image.name, files.sampled_digest(s.image, 4096)] for s in samples]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def check_fingerprints(saved_config: dict, current: dict) -> None:
-    """Refuse a resume whose data or backbone differ from the run's (runs of earlier versions have no record)."""
+    """Refuse a resume whose data, frames or backbone differ from the run's (what earlier versions did not record is
+    not compared)."""
     recorded = saved_config.get("fingerprints") or current
-    changed = [name for name in ("data", "backbone") if recorded.get(name) != current[name]]
+    changed = [name for name in ("data", "frames", "backbone") if recorded.get(name, current[name]) != current[name]]
+    changed = [name for name in changed if not (name == "frames" and "data" in changed)]  # other videos: other frames
     if changed:
-        what = {"data": "the training data (videos or masks) differ", "backbone": "the backbone's weights differ"}
+        what = {
+            "data": "the training data (videos or masks) differ",
+            "backbone": "the backbone's weights differ",
+            "frames": "the frames differ (replaced or swapped)",
+        }
         raise RunDirectoryError(
             f"--resume refused: {' and '.join(what[c] for c in changed)} from those the run "
             "started with; resume with the original ones, or start a new run in another "

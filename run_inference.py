@@ -96,6 +96,8 @@ def run(args) -> None:
             + ("" if args.predictions_directory else ": run without --eval-only first to make predictions")
         )
     prepared = inference.prepare(args, video_dirs) if predicting else None  # every input checked before any output
+    if args.eval_only:
+        report.check_still_current(predictions_directory, [v.name for v in video_dirs])
     models = inference.model_files(model_directories) if predicting else {}
     with outputs.OutputFolder(predictions_directory, {"the ground truth": ground_truth_directory, **models}) as out:
         report.claim_scores(out, predicting)

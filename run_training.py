@@ -32,7 +32,7 @@ import report
 import run_directory
 import tracking
 from metrics import frame_record, summarize
-from model import HeadConfigError, LoRA, build_model, count_parameters, parameter_bytes
+from model import HeadConfigError, LoRA, backbone_fingerprint, build_model, count_parameters, parameter_bytes
 from run_directory import RunDirectory
 
 
@@ -54,7 +54,7 @@ class Data:
     val: dataset.SegmentationDataset
     class_weights: torch.Tensor
     records: dict  # split.json, class_weights.json
-    fingerprint: str
+    fingerprints: dict  # of the masks ("data") and of the frames
 
 
 def prepare_data(args, rank: int, device) -> Data:
@@ -104,7 +104,10 @@ def prepare_data(args, rank: int, device) -> Data:
         val,
         torch.tensor(weights, dtype=torch.float32),
         records,
-        run_directory.data_fingerprint(samples, pixel_counts),
+        {
+            "data": run_directory.data_fingerprint(samples, pixel_counts),
+            "frames": run_directory.frames_fingerprint(samples),
+        },
     )
 
 
@@ -271,7 +274,7 @@ def setup(args, log) -> tuple[Training, LoopState]:
     torch.manual_seed(args.seed)
     data = prepare_data(args, rank, device)
     model = make_model(args, device, log)
-    fingerprints = {"data": data.fingerprint, "backbone": run_directory.backbone_fingerprint(model)}
+    fingerprints = {**data.fingerprints, "backbone": backbone_fingerprint(model)}
     if saved_config is not None:
         run_directory.check_fingerprints(saved_config, fingerprints)
     checkpoint = run_directory.load_checkpoint(run.checkpoint_path) if args.resume else None
@@ -431,33 +434,32 @@ def train(args) -> None:
     if state.step:
         log(f"resuming at step {state.step} of {training.total_steps}")
     total, rank = training.total_steps, training.rank
-    progress = tqdm(total=total, initial=state.step, desc="training", unit="step", disable=rank != 0)
-    throughput = run_directory.Throughput()
-    training.model.train()
-    while not state.finished:
-        batches, steps = epoch_batches(training, state)
-        for _ in range(steps):
-            loss, images = train_step(training, batches, state.step + 1)
-            state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
-            images_per_second = throughput.add(images)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_second:.1f}")
-            last_step = state.step == training.total_steps
-            if state.step % args.log_every == 0 or last_step:
-                log_step(training, state, loss, images_per_second)
-            end_of_epoch = state.batch_in_epoch == training.steps_per_epoch
-            with throughput.paused():  # images/s counts training time, not validation or saving
-                due = state.step % args.val_every == 0 if args.val_every else end_of_epoch
-                if due or last_step:
-                    validate_and_select(training, state)
-                if end_of_epoch:
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                state.finished = last_step or state.stopped_early
-                if state.step % args.checkpoint_every == 0 or state.finished:
-                    save_checkpoint(training, state)
-            if state.finished or end_of_epoch:
-                break
-    progress.close()
+    with tqdm(total=total, initial=state.step, desc="training", unit="step", disable=rank != 0) as progress:
+        throughput = run_directory.Throughput()
+        training.model.train()
+        while not state.finished:
+            batches, steps = epoch_batches(training, state)
+            for _ in range(steps):
+                loss, images = train_step(training, batches, state.step + 1)
+                state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
+                images_per_second = throughput.add(images)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_second:.1f}")
+                last_step = state.step == training.total_steps
+                if state.step % args.log_every == 0 or last_step:
+                    log_step(training, state, loss, images_per_second)
+                end_of_epoch = state.batch_in_epoch == training.steps_per_epoch
+                with throughput.paused():  # images/s counts training time, not validation or saving
+                    due = state.step % args.val_every == 0 if args.val_every else end_of_epoch
+                    if due or last_step:
+                        validate_and_select(training, state)
+                    if end_of_epoch:
+                        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                    state.finished = last_step or state.stopped_early
+                    if state.step % args.checkpoint_every == 0 or state.finished:
+                        save_checkpoint(training, state)
+                if state.finished or end_of_epoch:
+                    break
     training.run.close()
     best = f"best validation {args.selection_metric} {state.best_score:.4f} at step {state.best_step}"
     log(f"done: {best}; outputs in {training.run.path}/")

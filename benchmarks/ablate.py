@@ -14,7 +14,9 @@ Writes OUTPUT/ablation.csv and OUTPUT/ablation.md.
 """
 
 import argparse
+import contextlib
 import csv
+import io
 import itertools
 import json
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import run_training  # noqa: E402
 from dataset import CLASS_NAMES, THIN_CLASSES  # noqa: E402
 from files import write_json_atomically  # noqa: E402
 from hub import BACKBONES, DEFAULT_BACKBONE  # noqa: E402
@@ -232,15 +235,16 @@ def inference_command(args, config: dict, run: Path) -> list:
 
 
 def run_settings(args, config: dict, run: Path) -> dict:
-    """What a configuration's results depend on: its two commands, without --resume and the worker count."""
-
-    def settings(command):
-        tokens = [str(token) for token in command if token != "--resume"]
-        return {flag: value for flag, value in flags(tokens).items() if flag != "--num-workers"}
-
+    """What a configuration's results depend on: the training settings its command resolves to (a recipe's contents,
+    not its path: an edited recipe is a change), and its inference command; neither --resume nor the worker count."""
+    tokens = [str(token) for token in training_command(args, config, run)[1:]]
+    with contextlib.redirect_stderr(io.StringIO()):  # its notes are printed when the run starts
+        resolved = vars(run_training.parse_args(tokens))
+    ignored = ("config", "resume", "num_workers", "output_directory")
+    inference = [str(token) for token in inference_command(args, config, run) if token != "--resume"]
     return {
-        "training": settings(training_command(args, config, run)),
-        "inference": settings(inference_command(args, config, run)),
+        "training": {f"--{k.replace('_', '-')}": v for k, v in resolved.items() if k not in ignored},
+        "inference": {flag: value for flag, value in flags(inference).items() if flag != "--num-workers"},
     }
 
 

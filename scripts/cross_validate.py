@@ -89,11 +89,20 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 # ----------------------------------------------------------------------------- train
 
 
-def fold_state(directory: Path) -> str:
-    """new (nothing to resume), interrupted or finished, from the fold's verified checkpoint."""
+def fold_state(directory: Path, requested=None) -> str:
+    """new (nothing to resume), interrupted or finished, from the fold's verified checkpoint; a fold trained with other
+    settings than requested (run_training's arguments) is refused, never skipped as finished."""
     checkpoint = directory / "checkpoint.pt"
     if not checkpoint.exists():
         return "new"
+    if requested is not None:
+        saved = run_directory.read_run_config(directory / "config.json")
+        changed = run_directory.changed_settings(saved, requested, int(os.environ.get("WORLD_SIZE", 1)))
+        if changed:
+            raise run_directory.RunDirectoryError(
+                f"{directory} was trained with other settings ({'; '.join(changed)}): give the same settings to go "
+                "on with these folds, or another --output-directory"
+            )
     return "finished" if run_directory.load_checkpoint(checkpoint)["finished"] else "interrupted"
 
 
@@ -102,7 +111,13 @@ def train_folds(args, training_arguments: list[str]) -> int:
     rank_0 = int(os.environ.get("RANK", 0)) == 0
     for fold in range(args.folds):
         directory = output / f"fold_{fold}"
-        state = fold_state(directory)
+        argv = [
+            *training_arguments,
+            *f"--folds {args.folds} --fold {fold}".split(),
+            "--output-directory",
+            str(directory),
+        ]
+        state = fold_state(directory, run_training.parse_args(argv))
         if rank_0:
             print(
                 f"fold {fold} of {args.folds}: "
@@ -111,15 +126,6 @@ def train_folds(args, training_arguments: list[str]) -> int:
             )
         if state == "finished":
             continue
-        argv = [
-            *training_arguments,
-            "--folds",
-            str(args.folds),
-            "--fold",
-            str(fold),
-            "--output-directory",
-            str(directory),
-        ]
         code = run_training.main(argv + (["--resume"] if state == "interrupted" else []))
         if code != 0:
             print(
@@ -152,7 +158,12 @@ def read_folds(directories: list[Path]) -> list[tuple[Path, dict]]:
             ) from None
         if not isinstance(split, dict) or not {"folds", "fold", "fold_groups", "val"} <= split.keys():
             raise dataset.DataError(f"{directory} was not trained with --folds (its split.json names no fold)")
+        if fold_state(directory) != "finished":
+            raise dataset.DataError(
+                f"{directory} has not finished training: run cross_validate.py train again to finish it, then score"
+            )
         folds.append((directory, split))
+    check_one_run([directory for directory, _ in folds])
     divisions = {json.dumps([split["folds"], split["fold_groups"]]) for _, split in folds}
     if len(divisions) > 1:
         raise dataset.DataError(
@@ -171,6 +182,23 @@ def read_folds(directories: list[Path]) -> list[tuple[Path, dict]]:
             )
         )
     return sorted(folds, key=lambda fold: fold[1]["fold"])
+
+
+def check_one_run(directories: list[Path]) -> None:
+    """Refuse folds trained with different settings (other than the fold itself): they are not one experiment."""
+    per_fold = ("fold", "output_directory", *run_directory.CHANGEABLE_ON_RESUME)
+    settings = [run_directory.read_run_config(d / "config.json")["arguments"] for d in directories]
+    for directory, arguments in zip(directories[1:], settings[1:]):
+        changed = [
+            f"--{k.replace('_', '-')} {settings[0].get(k)} vs {v}"
+            for k, v in arguments.items()
+            if k not in per_fold and settings[0].get(k) != v
+        ]
+        if changed:
+            raise dataset.DataError(
+                f"{directories[0]} and {directory} were trained with other settings ({'; '.join(changed)}): give "
+                "the folds of one cross_validate.py train run"
+            )
 
 
 def fold_scores(metrics: dict, videos: list[str]) -> dict:

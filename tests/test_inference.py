@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import dataset
+import files
 import inference
 import plots
 import run_inference
@@ -283,7 +284,15 @@ def test_test_time_options_run_and_all_frames_adds_the_unlabelled_ones(options_r
         "min_component_size": 20,
         "all_frames": True,
         "precision": "fp32",
-        "members": [{"model_directory": str(model), "backbone": backbone, "head": "mlp", "resolution": "quarter"}],
+        "members": [
+            {
+                "model_directory": str(model),
+                "backbone": backbone,
+                "head": "mlp",
+                "resolution": "quarter",
+                "weights": files.sampled_digest(model / "best" / "weights.safetensors"),  # which weights made them
+            }
+        ],
     }
     video = json.loads((model / "split.json").read_text())["val"][0]
     names = sorted(p.name for p in (data / "train" / video / "frames").glob("*.png"))

@@ -228,8 +228,8 @@ def test_ablate_reuses_a_configuration_only_if_it_was_made_with_the_same_setting
     with pytest.raises(SystemExit) as stop:
         ablate.main(changed_argv)
     assert str(stop.value) == (
-        f"error: {run} was made with other settings (--max-steps 5 -> 6; --seed 0 -> 1; "
-        "--val-every 5 -> 6; --batch-size 2 -> 4): choose another --output-directory, or delete "
+        f"error: {run} was made with other settings (--max-steps 5 -> 6; --batch-size 2 -> 4; --seed 0 -> 1; "
+        "--val-every 5 -> 6): choose another --output-directory, or delete "
         "them to redo them"
     )
     assert ablate.settings_change(run, ablate.run_settings(changed, config, run)).startswith("--max-steps 5 -> 6")

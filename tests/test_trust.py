@@ -4,21 +4,33 @@ one line. Each test is a case a careful or a careless user meets; each failed on
 import errno
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import types
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import backbone_files
+import cross_validate
 import files
 import model as model_module
 import report
 import run_directory
 import run_inference
 import run_training
+import test_backbone_files
 from conftest import ROOT, decode_all
+from make_tiny_backbone import save_tiny_backbone
 from test_reliability import one_line_error, train_in_process
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import ablate  # noqa: E402
 
 INFER = ROOT / "run_inference.py"
 
@@ -395,3 +407,176 @@ def test_an_odd_sized_video_is_padded_not_rescaled_and_says_so(trained, tmp_path
     overlay = decode_all(out / "overlay.mp4")
     assert len(overlay) == 5 and overlay[0].shape == (74, 130, 3)
     assert np.abs(overlay[2][-1].astype(int)).max() < 40 and np.abs(overlay[2][:, -1].astype(int)).max() < 40  # black
+
+
+# ----------------------------------------------------------------------------- 2. every result tied to what made it
+
+
+def test_a_backbone_replaced_after_training_is_refused_at_inference(release, tmp_path, capsys):
+    backbone = tmp_path / "tiny-dinov3"
+    save_tiny_backbone(backbone)
+    output = tmp_path / "run"
+    assert train_in_process(release, backbone, output, "--max-steps", "1") == 0
+    save_tiny_backbone(backbone, seed=1)  # another backbone under the same name
+    capsys.readouterr()
+    assert infer("--data-directory", release, "--model-directory", output) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"the backbone {backbone} is not the one {output} was trained with" in line
+    assert not (output / "inference").exists()
+
+
+def test_re_scoring_refuses_predictions_that_other_weights_made(release, trained, tmp_path, capsys):
+    model = shutil.copytree(trained, tmp_path / "run")
+    assert infer("--data-directory", release, "--model-directory", model) == 0
+    weights = model / "best" / "weights.safetensors"
+    tensors = load_file(weights)
+    save_file({name: tensor + 1 for name, tensor in tensors.items()}, weights)  # trained again since
+    assert infer("--data-directory", release, "--model-directory", model, "--eval-only") == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"were made with other weights than {weights} holds now" in line and "without --eval-only" in line
+
+
+def test_resume_refuses_replaced_frames(release, backbone, tmp_path, monkeypatch, capsys):
+    data = shutil.copytree(release, tmp_path / "sarrarp")
+    output, real_step = tmp_path / "run", run_training.train_step
+
+    def interrupted_at_step_2(training, batches, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_step(training, batches, step)
+
+    monkeypatch.setattr(run_training, "train_step", interrupted_at_step_2)
+    assert train_in_process(data, backbone, output, "--max-steps", "3", "--checkpoint-every", "1") == 130
+    monkeypatch.undo()
+    first, second = sorted((data / "train" / "video_01" / "frames").glob("*.png"))[:2]
+    swapped = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(swapped)
+    capsys.readouterr()
+    assert train_in_process(data, backbone, output, "--max-steps", "3", "--resume") == 1
+    assert "--resume refused: the frames differ (replaced or swapped)" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def folds(release, backbone, tmp_path_factory):
+    """Two cross-validation runs of two 2-step folds, at two learning rates."""
+    root = tmp_path_factory.mktemp("folds")
+    for lr in ("1e-3", "2e-3"):
+        training = [*"--resolution quarter --batch-size 2 --num-workers 0 --warmup-steps 1 --max-steps 2".split()]
+        arguments = ["train", "--folds", "2", "--output-directory", str(root / lr), "--", "--lr", lr, *training]
+        assert cross_validate.main([*arguments, "--data-directory", str(release), "--backbone", str(backbone)]) == 0
+    return root
+
+
+def test_the_fold_runner_refuses_folds_trained_with_other_settings(release, backbone, folds, capsys):
+    training = [*"--resolution quarter --batch-size 2 --num-workers 0 --warmup-steps 1 --max-steps 2".split()]
+    arguments = ["train", "--folds", "2", "--output-directory", str(folds / "1e-3"), "--", "--lr", "5e-3", *training]
+    assert cross_validate.main([*arguments, "--data-directory", str(release), "--backbone", str(backbone)]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{folds / '1e-3' / 'fold_0'} was trained with other settings (--lr 0.001 -> 0.005)" in line
+
+
+def test_scoring_refuses_folds_of_two_runs_and_an_unfinished_fold(release, folds, tmp_path, capsys):
+    mixed = ["score", str(folds / "1e-3" / "fold_0"), str(folds / "2e-3" / "fold_1"), "--data-directory", str(release)]
+    assert cross_validate.main([*mixed, "--output", str(tmp_path / "mixed")]) == 1
+    assert "were trained with other settings (--lr 0.001 vs 0.002)" in one_line_error(capsys.readouterr().err)
+    unfinished = shutil.copytree(folds / "2e-3", tmp_path / "unfinished")
+    checkpoint = run_directory.load_checkpoint(unfinished / "fold_1" / "checkpoint.pt")
+    parts = checkpoint_parts()
+    run_directory.save_checkpoint(unfinished / "fold_1" / "checkpoint.pt", *parts, {**checkpoint, "finished": False})
+    score = ["score", str(unfinished / "fold_0"), str(unfinished / "fold_1"), "--data-directory", str(release)]
+    assert cross_validate.main(score) == 1
+    assert f"{unfinished / 'fold_1'} has not finished training" in one_line_error(capsys.readouterr().err)
+
+
+def checkpoint_parts():
+    """A model, optimizer, schedule and scaler whose state a checkpoint is written from."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    return (
+        model,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        torch.amp.GradScaler("cpu", enabled=False),
+    )
+
+
+def test_ablate_reuses_nothing_once_the_recipe_file_changes(tmp_path):
+    recipe_file = recipe(tmp_path, "lr: 1.0e-4\n")
+    argv = ["--data-directory", str(tmp_path / "data"), "--output-directory", str(tmp_path / "ablation")]
+    args = ablate.parse_args([*argv, "--recipe", str(recipe_file), *"--heads mlp --losses ce".split()])
+    config = ablate.expand_grid(args.backbones, ["lora"], ["16"], ["mlp"], ["ce"], ["half"])[0]
+    run = tmp_path / "ablation" / ablate.configuration_name(config)
+    run.mkdir(parents=True)
+    files.write_json_atomically(run / ablate.SETTINGS_FILE, ablate.run_settings(args, config, run))
+    recipe_file.write_text("lr: 3.0e-4\n")  # the same path, other contents
+    assert ablate.settings_change(run, ablate.run_settings(args, config, run)) == "--lr 0.0001 -> 0.0003"
+
+
+# ----------------------------------------------------------------------------- 5. more inputs checked first
+
+
+def test_test_videos_are_found_once_the_same_way_for_prediction_and_scoring(release, trained, tmp_path):
+    data = shutil.copytree(release, tmp_path / "sarrarp")
+    (data / "test" / "nested").mkdir()
+    (data / "test" / "video_41").rename(data / "test" / "nested" / "video_41")  # one level down: a video
+    shutil.copytree(data / "test" / "video_42", data / "test" / "copy of 42")  # not named video_*: not a video
+    out = tmp_path / "predictions"
+    assert infer("--data-directory", data, "--model-directory", trained, "--output", out) == 0
+    assert sorted(json.loads((out / "metrics.json").read_text())["videos"]) == ["video_41", "video_42"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+        "video_41",
+        "video_42",
+    ]
+
+
+def test_a_config_json_with_a_resolution_scale_out_of_range_is_one_line(release, trained, tmp_path, capsys):
+    for scale in (0, -0.5, 3):
+        model = shutil.copytree(trained, tmp_path / f"scale{scale}")
+        config = json.loads((model / "config.json").read_text())
+        config["resolution"]["scale"] = scale
+        (model / "config.json").write_text(json.dumps(config))
+        assert infer("--data-directory", release, "--model-directory", model) == 1
+        assert f"resolution.scale {scale} is not in (0, 1]" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_weight_file_holding_nan_is_refused(tmp_path):
+    model = test_backbone_files.random_hf_model()
+    state = test_backbone_files.meta_layout(model)
+    state["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    with pytest.raises(backbone_files.WeightFileError, match="holds NaN or infinite values in 1 tensor"):
+        backbone_files.load_weight_file(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_rope_base_of_a_low_precision_copy_of_meta_s_checkpoint_is_exact(dtype):
+    periods = 100.0 ** (4 * torch.arange(16, dtype=torch.float64) / 64)
+    assert backbone_files.rope_settings(periods.to(dtype), "copy.pth") == (64, 100.0)
+
+
+def test_ctrl_c_on_the_video_path_is_one_line_and_leaves_no_overlay(release, trained, tmp_path):
+    out = tmp_path / "out"
+    video = release / "test" / "video_41" / "video_left.avi"
+    command = [
+        sys.executable,
+        str(INFER),
+        "--model-directory",
+        str(trained),
+        "--input",
+        str(video),
+        "--output",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        [*command, *"--save-masks --batch-size 1 --tta flip".split()], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not list(out.glob(".staging-*/masks/*.png")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert one_line_error(stderr).startswith("error: interrupted")
+    assert not (out / "overlay.mp4").exists() and not list((out / "masks").glob("*.png"))
