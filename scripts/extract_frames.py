@@ -14,7 +14,9 @@ import argparse
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -179,18 +181,33 @@ def main() -> int:
         parser.error(f"no video_left.avi found under {data_dir}")
 
     failures, written, present = [], 0, 0
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    # Ctrl-C reaches the main process only: it stops the workers itself (their frames are written under temporary
+    # names, which the next run removes) and says so in one line.
+    with ProcessPoolExecutor(
+        max_workers=args.jobs, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
+    ) as pool:
         futures = {pool.submit(extract_video, video, args.rate, args.output_name): video for video in videos}
         progress = tqdm(as_completed(futures), total=len(futures), unit="video", desc="extracting frames")
-        for future in progress:
-            try:
-                new, old, warnings = future.result()
-                written, present = written + new, present + old
-                for warning in warnings:
-                    progress.write(f"warning: {warning}", file=sys.stderr)
-            except Exception as error:  # one bad video must not stop the others
-                failures.append(str(error))
-                progress.write(f"error: {error}", file=sys.stderr)
+        try:
+            for future in progress:
+                try:
+                    new, old, warnings = future.result()
+                    written, present = written + new, present + old
+                    for warning in warnings:
+                        progress.write(f"warning: {warning}", file=sys.stderr)
+                except Exception as error:  # one bad video must not stop the others
+                    failures.append(str(error))
+                    progress.write(f"error: {error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            progress.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            print(
+                "error: interrupted; the frames written so far are kept, run the same command again to finish",
+                file=sys.stderr,
+            )
+            return 130
     print(
         f"{len(videos) - len(failures)}/{len(videos)} videos done: {written} frames written, {present} already present"
     )

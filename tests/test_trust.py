@@ -580,3 +580,21 @@ def test_ctrl_c_on_the_video_path_is_one_line_and_leaves_no_overlay(release, tra
     assert process.returncode == 130, stderr
     assert one_line_error(stderr).startswith("error: interrupted")
     assert not (out / "overlay.mp4").exists() and not list((out / "masks").glob("*.png"))
+
+
+def test_ctrl_c_in_frame_extraction_is_one_line_and_the_next_run_finishes(release, tmp_path):
+    data = shutil.copytree(release, tmp_path / "sarrarp", ignore=shutil.ignore_patterns("frames"))
+    command = [sys.executable, str(ROOT / "scripts" / "extract_frames.py"), str(data), "--rate", "all", "--jobs", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(data.glob("*/video_*/frames/*.png")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert (
+        one_line_error(stderr)
+        == "error: interrupted; the frames written so far are kept, run the same command again to finish"
+    )
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and not list(data.rglob(".*.partial"))
