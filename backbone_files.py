@@ -36,6 +36,14 @@ TIMM_ONLY = ("reg_token", "gamma_1", "q_bias", "fc1_g.weight")  # names only tim
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# (hidden size, blocks) of every released DINOv3 ViT; a weight file of another shape needs an explicit opt-in.
+RELEASED_ARCHITECTURES = {
+    (384, 12): "ViT-S/16, S+/16",
+    (768, 12): "ViT-B/16",
+    (1024, 24): "ViT-L/16",
+    (1280, 32): "ViT-H+/16",
+    (4096, 40): "ViT-7B/16",
+}
 # How far a RoPE base fitted on periods stored in a dtype may lie from the true one (relative), measured on
 # base 100 and 10000: bfloat16 0.07%, float16 0.004%.
 ROPE_TOLERANCE = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
@@ -113,13 +121,17 @@ def from_pretrained(name_or_path, token, attn_implementation, local_files_only, 
 
 
 def load_backbone(
-    name_or_path: str, token: str | None = None, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    name_or_path: str,
+    token: str | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    any_architecture: bool = False,
 ) -> DINOv3ViTModel:
     """A DINOv3 ViT from a save_pretrained directory, a hub id (local cache first, then the hub) or a weight file in
-    Meta's or timm's naming, in dtype."""
+    Meta's or timm's naming (load_weight_file), in dtype."""
     if is_weight_file(name_or_path) and os.path.isfile(name_or_path):
         try:
-            return load_weight_file(name_or_path, attn_implementation, dtype)
+            return load_weight_file(name_or_path, attn_implementation, dtype, any_architecture)
         except WeightFileError as error:
             raise BackboneError(str(error)) from None
     if not hub.is_hub_id(name_or_path):
@@ -364,11 +376,19 @@ def check_complete(weights, expected, path) -> None:
         )
 
 
-def load_weight_file(path, attn_implementation="sdpa", dtype=torch.float32) -> DINOv3ViTModel:
-    """A DINOv3ViTModel holding exactly the weights of a Meta/timm-named file, architecture inferred."""
+def load_weight_file(path, attn_implementation="sdpa", dtype=torch.float32, any_architecture=False) -> DINOv3ViTModel:
+    """A DINOv3ViTModel holding exactly the weights of a Meta/timm-named file, architecture inferred; one whose width
+    and depth are no released DINOv3's only with any_architecture (a file cut short would load as a shallower ViT)."""
     state = unwrap(read_state_dict(path), path)
     weights = to_transformers_names(state, path)
     config = infer_config(weights, state.get("rope_embed.periods"), path, attn_implementation)
+    released = RELEASED_ARCHITECTURES.get((config.hidden_size, config.num_hidden_layers))
+    if released is None and not any_architecture:
+        depths = ", ".join(f"{name}: width {w}, {n} blocks" for (w, n), name in RELEASED_ARCHITECTURES.items())
+        raise WeightFileError(
+            f"{path} holds blocks 0-{config.num_hidden_layers - 1} of width {config.hidden_size}, which is no released "
+            f"DINOv3 ({depths}): is the file cut short? Pass --any-backbone-architecture to load it as it is"
+        )
     config.weights_format = "timm" if any(k.endswith(TIMM_ONLY) for k in state) else "meta"
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's seeded RNG as it was
         model = DINOv3ViTModel(config)

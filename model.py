@@ -260,14 +260,10 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(
-    backbone_name_or_path,
-    token=None,
-    backbone_dtype="float32",
-    normalization=None,
-    attn_implementation="sdpa",
-    **settings,
+    backbone_name_or_path, token=None, backbone_dtype="float32", normalization=None, any_architecture=False, **settings
 ) -> SegmentationModel:
-    """The backbone loaded and a SegmentationModel made of it with settings (backbone_training, lora, head,
+    """The backbone loaded (any_architecture: also a weight file of no released width and depth) and a
+    SegmentationModel made of it with settings (backbone_training, lora, head,
     gradient_checkpointing). backbone_dtype: float32 or bfloat16 (frozen weights only: full training needs float32
     weights); normalization: (mean, std) on a 0..1 scale, else the backbone's preprocessor_config.json, else
     ImageNet's (DINOv3's)."""
@@ -276,7 +272,8 @@ def build_model(
     if settings.get("backbone_training") == "full" and backbone_dtype != "float32":
         raise HeadConfigError("full fine-tuning trains every backbone weight, which needs --backbone-dtype float32")
     name_or_path = backbone_files.resolve_backbone(backbone_name_or_path)
-    backbone = backbone_files.load_backbone(name_or_path, token, attn_implementation, BACKBONE_DTYPES[backbone_dtype])
+    dtype = BACKBONE_DTYPES[backbone_dtype]
+    backbone = backbone_files.load_backbone(name_or_path, token, "sdpa", dtype, any_architecture)
     mean, std = normalization or backbone_files.backbone_normalization(name_or_path, token)
     return SegmentationModel(backbone, mean, std, **settings)
 
@@ -426,6 +423,7 @@ def load_trained_model(model_directory, checkpoint="best", backbone=None, token=
         head["type"] = "patch-mlp"  # "mlp" named the per-patch head before the seed's pixel MLP became the default
     lora = LoRA(lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
     settings = dict(backbone_training=config.get("backbone_training", "lora"), lora=lora, head=head)
+    settings["any_architecture"] = bool(config.get("arguments", {}).get("any_backbone_architecture"))
     dtype, normalization = config.get("backbone_dtype", "float32"), (normalization["mean"], normalization["std"])
     try:
         model = build_model(backbone, token, dtype, normalization, **settings)

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+import backbone_files
 import cli
 import dataset
 import hub
@@ -101,6 +102,11 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         default=hub.DEFAULT_BACKBONE,
         help=f"short name ({', '.join(hub.BACKBONES)}), hub id, local directory saved with save_pretrained, "
         "or a .pth/.safetensors file in Meta's or timm's naming (default: %(default)s)",
+    )
+    model.add_argument(
+        "--any-backbone-architecture",
+        **SWITCH,
+        help="load a --backbone weight file whose width and depth are no released DINOv3's (a custom or pruned ViT)",
     )
     model.add_argument(
         "--image-mean",
@@ -378,6 +384,7 @@ def refuse_unused(parser, args, sources: dict, named) -> None:
         "feature_layers": (multilayer, "--head multilayer"),
         "dice_weight": (args.loss == "ce+dice", "--loss ce+dice"),
         "val_fraction": (not (args.folds or args.val_videos), "a random split (not with --val-videos or --folds)"),
+        "any_backbone_architecture": (backbone_files.is_weight_file(args.backbone), "a .pth/.safetensors --backbone"),
     }
     for name, (used, where) in uses.items():
         if name not in sources or used:

@@ -161,7 +161,8 @@ def make_model(args, device, log):
         backbone_training=args.backbone_training, lora=lora, gradient_checkpointing=args.gradient_checkpointing
     )
     normalization = args.image_mean and (args.image_mean, args.image_std)
-    model = build_model(args.backbone, token, args.backbone_dtype, normalization, head=head_settings(args), **settings)
+    settings.update(head=head_settings(args), any_architecture=args.any_backbone_architecture)
+    model = build_model(args.backbone, token, args.backbone_dtype, normalization, **settings)
     model.to(device)
     del token
     (trainable, total), (trainable_bytes, total_bytes) = count_parameters(model), parameter_bytes(model)

@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--image-std", default=IMAGENET_STD, help="normalisation std (default: ImageNet's, %(default)s)", **rgb
     )
+    parser.add_argument(
+        "--any-architecture", action="store_true", help="convert a file whose width and depth are no released DINOv3's"
+    )
     args = parser.parse_args(argv)
     if not is_weight_file(args.file):
         parser.error(f"{args.file} is not a {'/'.join(WEIGHT_FILE_SUFFIXES)} file")
@@ -57,9 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def convert(file, output: Path, mean, std) -> dict:
+def convert(file, output: Path, mean, std, any_architecture=False) -> dict:
     """Write the converted backbone to output (whole or not at all); returns its architecture."""
-    model = load_weight_file(file)
+    model = load_weight_file(file, any_architecture=any_architecture)
     temporary = partial_path(output)
     shutil.rmtree(temporary, ignore_errors=True)
     try:
@@ -86,7 +89,7 @@ def convert(file, output: Path, mean, std) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        found = convert(args.file, Path(args.output), args.image_mean, args.image_std)
+        found = convert(args.file, Path(args.output), args.image_mean, args.image_std, args.any_architecture)
     except (WeightFileError, OSError) as error:
         sys.exit(f"convert_backbone.py: error: {error}")
     print(

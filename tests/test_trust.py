@@ -14,6 +14,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import backbone_files
@@ -25,7 +26,7 @@ import run_directory
 import run_inference
 import run_training
 import test_backbone_files
-from conftest import ROOT, decode_all
+from conftest import ROOT, decode_all, training_folders
 from make_tiny_backbone import save_tiny_backbone
 from test_reliability import one_line_error, train_in_process
 
@@ -547,7 +548,29 @@ def test_a_weight_file_holding_nan_is_refused(tmp_path):
     path = tmp_path / "nan.pth"
     torch.save(state, path)
     with pytest.raises(backbone_files.WeightFileError, match="holds NaN or infinite values in 1 tensor"):
-        backbone_files.load_weight_file(path)
+        backbone_files.load_weight_file(path, any_architecture=True)
+
+
+def test_a_weight_file_cut_short_is_refused_naming_its_blocks_unless_the_user_opts_in(release, tmp_path, capsys):
+    vit_s = transformers.DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6)
+    vit_s.intermediate_size = 64  # a thin MLP keeps the file small: the check reads width and depth
+    state = test_backbone_files.meta_layout(transformers.DINOv3ViTModel(vit_s))
+    torch.save(state, tmp_path / "vits16.pth")
+    assert backbone_files.load_weight_file(tmp_path / "vits16.pth").config.num_hidden_layers == 12
+    torch.save({k: v for k, v in state.items() if not k.startswith(("blocks.10.", "blocks.11."))}, tmp_path / "cut.pth")
+
+    with pytest.raises(backbone_files.WeightFileError, match="blocks 0-9 of width 384, which is no released DINOv3"):
+        backbone_files.load_weight_file(tmp_path / "cut.pth")
+    output = tmp_path / "run"
+    argv = [*training_folders(release, tmp_path / "cut.pth", output), "--max-steps", "1"]
+    assert run_training.main([str(a) for a in argv]) == 1
+    assert "is the file cut short? Pass --any-backbone-architecture" in one_line_error(capsys.readouterr().err)
+    assert not output.exists()
+    opted_in = backbone_files.load_weight_file(tmp_path / "cut.pth", any_architecture=True)
+    assert opted_in.config.num_hidden_layers == 10
+    assert "--any-backbone-architecture applies to a .pth/.safetensors --backbone" in refused(
+        capsys, "--backbone", "vits16", "--any-backbone-architecture"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
