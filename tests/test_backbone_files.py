@@ -14,7 +14,7 @@ from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel
 import convert_backbone
 import run_inference
 import run_training
-from backbone_files import load_weight_file
+from backbone_files import is_weight_file, load_weight_file
 from conftest import ROOT, run_script, training_folders
 
 HEADS_OF_32 = 2  # hidden 64 / head dim 32: not the default head dim 64, so the heads must come from rope_embed.periods
@@ -181,7 +181,8 @@ def train(release, backbone, output, *extra):
             for a in (
                 *training_folders(release, backbone, output),
                 *"--resolution quarter --batch-size 2 --num-workers 0".split(),
-                *"--warmup-steps 1 --max-steps 2 --val-every 2 --any-backbone-architecture".split(),
+                *"--warmup-steps 1 --max-steps 2 --val-every 2".split(),
+                *["--any-backbone-architecture"] * is_weight_file(backbone),  # the tiny files are no released ViT
                 *extra,
             )
         ]
