@@ -3,6 +3,8 @@ in the official toolkit's layout (VIDEO/segmentation/<mask name>.png) with a pic
 
 import collections
 import os
+import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import dataset
 import discovery
 import files
 import hub
+import memory
 import outputs
 import plots
 import report
@@ -205,22 +208,58 @@ def on_device(args, members, source_size):
     return device, precision, cli.autocast_for(precision, device)
 
 
-def predict_frames(args, members, frames, source_size, root: Path) -> str:
-    """Write every frame's prediction (and picture) under root/VIDEO/; returns the precision used."""
+@dataclass
+class Plan:
+    """How frames of one source size are predicted: where, in which precision, and through which passes."""
+
+    device: torch.device
+    precision: str
+    autocast: Callable
+    sizes: list[tuple[int, int]]  # the content sizes a batch needs (inference_passes)
+    passes: list[Pass]
+
+
+def plan_passes(args, members, source_size, batch_size: int) -> Plan:
+    """The Plan for frames of source_size, every member moved to the device; refuses, saying what it needs, a batch
+    that cannot fit the device's free memory."""
     device, precision, autocast = on_device(args, members, source_size)
     sizes, passes = inference_passes(members, source_size, args.tta, args.tta_scales)
+
+    def one_batch():
+        inputs = [torch.empty(batch_size, 3, *size, dtype=torch.uint8, device=device) for size in sizes]
+        predict(passes, inputs, source_size, autocast)
+
+    try:
+        need = memory.peak_bytes(one_batch)
+    except memory.NOT_COUNTABLE as error:  # the estimate is a safeguard, not a condition
+        print(f"note: memory need not estimated ({cli.first_line(error, 80)})", file=sys.stderr)
+    else:
+        height, width = max(step.padded_size for step in passes)
+        described = (
+            f"a batch of {batch_size} frame{'s' * (batch_size > 1)} in {len(passes)} passes (up to {width}x{height})"
+        )
+        memory.check_fits(need, batch_size, device, described, "--batch-size or the largest --tta-scales")
+    return Plan(device, precision, autocast, sizes, passes)
+
+
+def predict_frames(args, members, frames, source_size, root: Path) -> str:
+    """Write every frame's prediction (and picture) under root/VIDEO/; returns the precision used."""
+    plan = plan_passes(args, members, source_size, args.batch_size)
     for video in {video for video, _, _ in frames}:
         (root / video / "segmentation").mkdir(parents=True, exist_ok=True)
         (root / video / "visualisations").mkdir(exist_ok=True)
-    frame_data = FrameDataset([frame for _, frame, _ in frames], sizes)
-    loader = DataLoader(frame_data, args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    frame_data = FrameDataset([frame for _, frame, _ in frames], plan.sizes)
+    loader = DataLoader(
+        frame_data, args.batch_size, num_workers=args.num_workers, pin_memory=plan.device.type == "cuda"
+    )
     writers = min(8, os.cpu_count() or 1)
-    described = "predicting" + (f" ({len(passes)} passes a frame)" if len(passes) > 1 else "")
+    described = "predicting" + (f" ({len(plan.passes)} passes a frame)" if len(plan.passes) > 1 else "")
     # PNG encoding and pictures overlap with the model
     with ThreadPoolExecutor(writers) as pool, tqdm(total=len(frames), desc=described, unit="frame") as progress:
         pending, done = collections.deque(), 0
         for inputs in loader:
-            labels = predict(passes, [x.to(device, non_blocking=True) for x in inputs], source_size, autocast)
+            inputs = [x.to(plan.device, non_blocking=True) for x in inputs]
+            labels = predict(plan.passes, inputs, source_size, plan.autocast)
             for (video, frame, mask), frame_labels in zip(frames[done : done + len(labels)], labels.cpu().numpy()):
                 pending.append(
                     pool.submit(save_frame_outputs, frame_labels, frame, mask, root / video, args.min_component_size)
@@ -231,7 +270,7 @@ def predict_frames(args, members, frames, source_size, root: Path) -> str:
                 pending.popleft().result()
         for job in pending:
             job.result()
-    return precision
+    return plan.precision
 
 
 def prepare(args, video_dirs: list[Path]) -> tuple:

@@ -264,15 +264,17 @@ def segment_video(
 # ----------------------------------------------------------------------------- segmenting an input
 
 
-def frame_predictor(args, passes, source_size, autocast, device):
+def frame_predictor(args, plan: inference.Plan, source_size):
     """predict_batch([inputs]) -> [labels (H, W) uint8 at the source size] for consecutive frames, each inputs the
-    frame at every content size of passes; with --temporal-smoothing, the argmax of the running mean of the softmax."""
+    frame at every content size of the plan; with --temporal-smoothing, the argmax of the running mean of the
+    softmax."""
+    passes, autocast = plan.passes, plan.autocast
     smoothed = None
 
     def predict_batch(batch):
         nonlocal smoothed
         inputs = [
-            torch.from_numpy(np.stack([frame[k] for frame in batch])).permute(0, 3, 1, 2).to(device)
+            torch.from_numpy(np.stack([frame[k] for frame in batch])).permute(0, 3, 1, 2).to(plan.device)
             for k in range(len(batch[0]))
         ]
         if not args.temporal_smoothing:
@@ -302,8 +304,7 @@ def segment_video_file(args, source: Path, out: outputs.OutputFolder) -> None:
     masks = [p for p in (out.path / "masks").glob("*.png") if MASK_NAME.fullmatch(p.name)] if args.save_masks else []
     predicted = [f"masks/{p.name}" for p in masks if first <= int(p.stem) < stop and int(p.stem) % args.every == 0]
     out.claim(["overlay.mp4", outputs.PROVENANCE_FILE, *predicted])
-    device, precision, autocast = inference.on_device(args, members, info.size)
-    sizes, passes = inference.inference_passes(members, info.size, args.tta, args.tta_scales)
+    plan = inference.plan_passes(args, members, info.size, args.batch_size)
     (out.staging / "masks").mkdir(exist_ok=True)
 
     def save_mask(index, labels):
@@ -311,8 +312,8 @@ def segment_video_file(args, source: Path, out: outputs.OutputFolder) -> None:
             files.write_image_atomically(out.staging / "masks" / f"{index:09d}.png", labels)
 
     model = dict(
-        prepare=lambda frame: [dataset.scale_image(frame, size) for size in sizes],
-        predict_batch=frame_predictor(args, passes, info.size, autocast, device),
+        prepare=lambda frame: [dataset.scale_image(frame, size) for size in plan.sizes],
+        predict_batch=frame_predictor(args, plan, info.size),
     )
     written = write_overlay(args, source, info, (first, stop), out, save_mask, **model)
     check_frame_count(source, info, first, stop, written)
@@ -325,7 +326,7 @@ def segment_video_file(args, source: Path, out: outputs.OutputFolder) -> None:
         "temporal_smoothing": args.temporal_smoothing,
         "masks": args.save_masks,
     }
-    provenance = {**inference.inference_record(args, members, precision), **record}
+    provenance = {**inference.inference_record(args, members, plan.precision), **record}
     files.write_json_atomically(out.staging / outputs.PROVENANCE_FILE, provenance)
     out.commit(replaced=("overlay.mp4", *(["masks/"] if args.save_masks else [])))
     shown = f"; masks: {out.path / 'masks'}/" if args.save_masks else ""
@@ -388,22 +389,22 @@ def segment_image_folder(args, source: Path, out: outputs.OutputFolder) -> None:
     out.claim([f"masks/{n}.png" for n in names] + [f"overlays/{n}.jpg" for n in names] + [outputs.PROVENANCE_FILE])
     for folder in ("masks", "overlays"):
         (out.staging / folder).mkdir()
-    device, precision, autocast = None, None, None
+    plans = {}  # by image size
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         decoded = zip(images, pool.map(dataset.read_image, images))
         for path, frame in tqdm(decoded, total=len(images), desc=f"segmenting {source.name}", unit="image"):
-            if device is None:
-                device, precision, autocast = inference.on_device(args, members, frame.shape[:2])
-            sizes, passes = inference.inference_passes(members, frame.shape[:2], args.tta, args.tta_scales)
-            predict_one = frame_predictor(args, passes, frame.shape[:2], autocast, device)
-            labels = predict_one([[dataset.scale_image(frame, size) for size in sizes]])[0]
+            size = frame.shape[:2]
+            if size not in plans:
+                plans[size] = inference.plan_passes(args, members, size, batch_size=1)
+            predict_one = frame_predictor(args, plans[size], size)
+            labels = predict_one([[dataset.scale_image(frame, content) for content in plans[size].sizes]])[0]
             files.write_image_atomically(out.staging / "masks" / f"{path.stem}.png", labels)
             overlay = cv2.cvtColor(plots.video_frame((frame, labels)), cv2.COLOR_RGB2BGR)
             files.write_image_atomically(
                 out.staging / "overlays" / f"{path.stem}.jpg", overlay, (cv2.IMWRITE_JPEG_QUALITY, 90)
             )
     record = {
-        **inference.inference_record(args, members, precision),
+        **inference.inference_record(args, members, next(iter(plans.values())).precision),
         "input": str(source),
         "images": [p.name for p in images],
     }

@@ -140,9 +140,10 @@ def model_predictor(backbone: str | None, device: torch.device):
     model = build_model(backbone, head={"type": "mlp"}).eval().to(device)
     members = [(model, {"resolution": {"scale": 0.5}})]
     sizes, passes = inference.inference_passes(members, SIZE, "none", [1.0])
-    autocast = cli.autocast_for(cli.precision_for(None, device), device)
+    precision = cli.precision_for(None, device)
+    plan = inference.Plan(device, precision, cli.autocast_for(precision, device), sizes, passes)
     args = SimpleNamespace(temporal_smoothing=0.0, min_component_size=0)
-    return video.frame_predictor(args, passes, SIZE, autocast, device), sizes
+    return video.frame_predictor(args, plan, SIZE), sizes
 
 
 def main() -> None:

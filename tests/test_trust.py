@@ -1,6 +1,7 @@
 """Trust every result (issue 21): settings mean what they say, inputs are checked before work starts, and every fault is
 one line. Each test is a case a careful or a careless user meets; each failed on the main of before."""
 
+import contextlib
 import errno
 import json
 import shutil
@@ -20,6 +21,8 @@ from safetensors.torch import load_file, save_file
 import backbone_files
 import cross_validate
 import files
+import inference
+import memory
 import model as model_module
 import report
 import run_directory
@@ -539,6 +542,55 @@ def test_a_config_json_with_a_resolution_scale_out_of_range_is_one_line(release,
         (model / "config.json").write_text(json.dumps(config))
         assert infer("--data-directory", release, "--model-directory", model) == 1
         assert f"resolution.scale {scale} is not in (0, 1]" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_work_saying_what_it_needs_and_what_fits(
+    release, trained, tmp_path, monkeypatch, capsys
+):
+    needs, check_fits = [], memory.check_fits
+    monkeypatch.setattr(memory, "check_fits", lambda need, *rest: needs.append(need) or check_fits(need, *rest))
+    output = tmp_path / "predictions"
+    arguments = [*f"--model-directory {trained} --output {output} --tta-scales 1 4".split(), "--data-directory"]
+    assert run_inference.main([*arguments, str(release), "--batch-size", "4"]) == 0
+    shutil.rmtree(output)
+    capsys.readouterr()
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(0.6 * needs[0]))
+    assert run_inference.main([*arguments, str(release), "--batch-size", "4"]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "a batch of 4 frames in 2 passes (up to " in line and ") needs at least " in line
+    assert "of main memory beyond the weights" in line and "at most --batch-size 2 can fit" in line
+    assert line.endswith("lower --batch-size or the largest --tta-scales") and not output.exists()
+    assert run_inference.main([*arguments, str(release), "--batch-size", "2"]) == 0
+    capsys.readouterr()
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1024)
+    video = release / "test" / "video_41" / "video_left.avi"
+    arguments = [*f"--model-directory {trained} --input {video} --output {tmp_path / 'video'}".split()]
+    assert run_inference.main(arguments) == 1
+    assert "even one frame does not fit" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "video").exists()
+
+
+def test_the_memory_estimate_counts_what_a_batch_holds_without_allocating_it(backbone):
+    model = model_module.build_model(str(backbone), head={"type": "mlp"}).eval()
+
+    def batch_need(batch, source=(1080, 1920), content=(540, 960)):
+        padded = tuple(-(-side // 16) * 16 for side in content)
+        passes = [inference.Pass(model, 0, content, padded, flip=False)]
+        inputs = lambda: [torch.empty(batch, 3, *content, dtype=torch.uint8)]  # noqa: E731
+        return memory.peak_bytes(lambda: inference.predict(passes, inputs(), source, contextlib.nullcontext))
+
+    one, four = batch_need(1), batch_need(4)
+    logits = 10 * 1080 * 1920 * 4  # float32 logits of one frame at the source size
+    assert logits < one < 3 * logits and 3.9 < four / one < 4.1
+    huge = batch_need(64, source=(4320, 7680), content=(4320, 7680))  # ~ 100 GiB, counted, never allocated
+    assert huge > 64 * 10 * 4320 * 7680 * 4
+    passes = [inference.Pass(model, 0, (540, 960), (544, 960), flip=False)]
+    real = inference.predict(
+        passes, [torch.zeros(1, 3, 540, 960, dtype=torch.uint8)], (1080, 1920), contextlib.nullcontext
+    )
+    assert type(real) is torch.Tensor  # nothing fake left behind in a cache
 
 
 def test_a_weight_file_holding_nan_is_refused(tmp_path):
