@@ -1,7 +1,7 @@
 """How much memory a step will need, found before it runs: the step runs on fake tensors (torch's FakeTensorMode:
 shapes and dtypes only, nothing computed or allocated) while every tensor it creates is counted until freed. The
 peak is exact in tensor bytes but leaves out the allocator's slack and the kernels' own work buffers: a lower bound
-(on the CPU 0.5-0.8 of the resident peak, benchmarks/bench_memory_estimate.py), so a step estimated above the free
+(on the CPU 0.4-0.8 of the resident peak, benchmarks/bench_memory_estimate.py), so a step estimated above the free
 memory cannot fit."""
 
 import weakref
