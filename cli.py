@@ -25,14 +25,15 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_ranges(parser, args, at_least_one=(), non_negative=()) -> None:
-    """Refuse (parser.error) a value below 1, or a negative or NaN one; None (not given) passes."""
+def check_ranges(parser, args, at_least_one=(), non_negative=(), named=flag) -> None:
+    """Refuse (parser.error) a value below 1, or a negative or NaN one; None (not given) passes. named(name): how the
+    message names the setting (its flag, and the file it came from)."""
     for name in at_least_one:
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"{flag(name)} must be at least 1")
+            parser.error(f"{named(name)} must be at least 1")
     for name in non_negative:
         if getattr(args, name) is not None and not getattr(args, name) >= 0:  # "not >=": NaN is refused too
-            parser.error(f"{flag(name)} must not be negative")
+            parser.error(f"{named(name)} must not be negative")
 
 
 class SettingsLoader(yaml.SafeLoader):
@@ -69,7 +70,22 @@ def read_settings(parser: argparse.ArgumentParser, path: str) -> dict:
         if defaults[name] is False and not isinstance(value, bool):
             parser.error(f"--config {path}: {key} is a switch: write true or false, not {value!r}")
         checked[name] = value
+    check_values(parser, path, checked, switches={name for name, default in defaults.items() if default is False})
     return checked
+
+
+def check_values(parser, path: str, settings: dict, switches: set) -> None:
+    """Each setting of a file parsed alone, as argparse parses its flag: a bad value names the file and the key
+    (parsed with the command line, argparse would name only the flag)."""
+    parser.exit_on_error = False  # argparse then raises ArgumentError instead of printing
+    try:
+        for name, value in settings.items():
+            try:
+                parser.parse_known_args(settings_as_flags({name: value}, switches))
+            except argparse.ArgumentError as error:
+                parser.error(f"--config {path}: {name}: {error.message}")
+    finally:
+        parser.exit_on_error = True
 
 
 def settings_as_flags(settings: dict, switches: set) -> list[str]:

@@ -329,14 +329,15 @@ def check_training_arguments(parser, args, sources=None) -> None:
         args,
         at_least_one=(*at_least_one, "max_steps", "head_hidden"),
         non_negative=(*non_negative, "seed", "dice_weight", "lr", "head_lr", "backbone_lr"),
+        named=named,
     )
     folds = args.folds
     refusals = [
-        (not args.lora_alpha > 0, "--lora-alpha must be greater than 0"),
-        (not 0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-        (args.head_width < 32 or args.head_width % 32, "--head-width must be a positive multiple of 32"),
-        (not 0 < args.val_fraction < 1, "--val-fraction must be between 0 and 1"),
-        (folds is not None and folds < 2, f"--folds must be at least 2, got {folds}"),
+        (not args.lora_alpha > 0, f"{named('lora_alpha')} must be greater than 0"),
+        (not 0 <= args.lora_dropout < 1, f"{named('lora_dropout')} must be in [0, 1)"),
+        (args.head_width < 32 or args.head_width % 32, f"{named('head_width')} must be a positive multiple of 32"),
+        (not 0 < args.val_fraction < 1, f"{named('val_fraction')} must be between 0 and 1"),
+        (folds is not None and folds < 2, f"{named('folds')} must be at least 2, got {folds}"),
         (
             folds is not None and (args.fold is None or not 0 <= args.fold < folds),
             f"--folds {folds} needs --fold 0..{(folds or 0) - 1} (the group to validate on), got {args.fold}; "
@@ -347,7 +348,7 @@ def check_training_arguments(parser, args, sources=None) -> None:
             f"{named('val_videos')} and {named('folds')} both choose the validation videos: give one",
         ),
         (folds is None and args.fold is not None, "--fold needs --folds K"),
-        (not 0 < args.layer_decay <= 1, "--layer-decay must be in (0, 1]"),
+        (not 0 < args.layer_decay <= 1, f"{named('layer_decay')} must be in (0, 1]"),
         (
             args.backbone_training == "full" and args.backbone_dtype != "float32",
             "--backbone-training full trains every backbone weight, which needs --backbone-dtype float32",
@@ -356,7 +357,7 @@ def check_training_arguments(parser, args, sources=None) -> None:
             (args.image_mean is None) != (args.image_std is None),
             f"{named('image_mean')} and {named('image_std')} go together: give both",
         ),
-        (args.image_std is not None and not min(args.image_std) > 0, "--image-std must be positive"),
+        (args.image_std is not None and not min(args.image_std) > 0, f"{named('image_std')} must be positive"),
     ]
     for refused, message in refusals:
         if refused:

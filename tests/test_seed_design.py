@@ -227,7 +227,7 @@ def test_a_config_file_sets_arguments_and_the_command_line_overrides_it(tmp_path
     "content, message",
     [
         ("lora_rnk: 8\n", "unknown setting 'lora_rnk'"),
-        ("resolution: eighth\n", "argument --resolution: invalid choice: 'eighth'"),
+        ("resolution: eighth\n", "recipe.yaml: resolution: invalid choice: 'eighth'"),
         ("- just\n- a list\n", "must hold settings as 'name: value' lines"),
     ],
 )
