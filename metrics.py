@@ -6,6 +6,7 @@ Beside it, never instead of it: the seed pipeline's own mIoU (seed_miou), to set
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -17,6 +18,7 @@ import files
 from dataset import CLASS_NAMES, NUM_CLASSES
 
 SCORED_CLASSES = range(1, NUM_CLASSES)  # background is never scored
+COUNTS = ("ground_truth_frames", "absent_rule_frames")  # per class: frames holding it, frames scored 1 by the rule
 CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
@@ -62,18 +64,27 @@ def _within(edge_from, edge_to, tolerance):
     return np.sqrt(np.rint(distance.astype(np.float64) ** 2)) <= tolerance
 
 
-def frame_record(
-    prediction: np.ndarray, ground_truth: np.ndarray, tolerance: float = 10.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """frame_scores' (iou, nsd) and present: which classes 1..9 are in the prediction or the ground truth."""
+class FrameRecord(NamedTuple):
+    """One frame's scores of classes 1..9 and which classes it holds: present (in the prediction or the ground
+    truth; a class in neither scores 1 by the official rule) and in_truth (in the ground truth)."""
+
+    iou: np.ndarray
+    nsd: np.ndarray
+    present: np.ndarray
+    in_truth: np.ndarray
+
+
+def frame_record(prediction: np.ndarray, ground_truth: np.ndarray, tolerance: float = 10.0) -> FrameRecord:
+    """frame_scores' (iou, nsd) and which classes the frame holds."""
     if prediction.shape != ground_truth.shape:
         raise ValueError(f"prediction {prediction.shape} and ground truth {ground_truth.shape} differ in shape")
     iou, nsd = np.ones(NUM_CLASSES - 1), np.ones(NUM_CLASSES - 1)
-    present = np.ones(NUM_CLASSES - 1, bool)
+    present, in_truth = np.ones(NUM_CLASSES - 1, bool), np.zeros(NUM_CLASSES - 1, bool)
     for k, c in enumerate(SCORED_CLASSES):
         p, g = (prediction == c).view(np.uint8), (ground_truth == c).view(np.uint8)
         px, py, pw, ph = cv2.boundingRect(p)
         gx, gy, gw, gh = cv2.boundingRect(g)
+        in_truth[k] = gw > 0
         if pw == 0 and gw == 0:
             present[k] = False
             continue
@@ -90,7 +101,7 @@ def frame_record(
         p_edge, g_edge = _boundary(p), _boundary(g)
         close = _within(p_edge, g_edge, tolerance).sum() + _within(g_edge, p_edge, tolerance).sum()
         nsd[k] = close / (np.count_nonzero(p_edge) + np.count_nonzero(g_edge))
-    return iou, nsd, present
+    return FrameRecord(iou, nsd, present, in_truth)
 
 
 def frame_scores(
@@ -116,13 +127,14 @@ def seed_miou(records: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float
     """The seed pipeline's own metric, NOT the official score: each frame's mean IoU over the classes in its
     prediction or ground truth (a frame with none is skipped), then the mean over every frame of every video
     together (no per-video step); NaN if no frame counts."""
-    values = [iou[present].mean() for iou, _, present in records if present.any()]
+    values = [record.iou[record.present].mean() for record in records if record.present.any()]
     return float(np.mean(values)) if values else float("nan")
 
 
 def summarize(frame_results: dict[str, list[tuple]]) -> dict:
-    """Video name -> [(iou, nsd) or frame_record's (iou, nsd, present) per frame] => dataset, per-video and per-class
-    means (every video weighs the same); with presence on every frame, also "seed_mIoU" (see seed_miou)."""
+    """Video name -> [(iou, nsd) or a FrameRecord per frame] => dataset, per-video and per-class means (every video
+    weighs the same); with FrameRecords, also "seed_mIoU" (see seed_miou) and per class how many frames hold it in
+    their ground truth and how many score 1 by the absent-class rule (it is in neither mask)."""
     if not frame_results or not all(frame_results.values()):
         raise ValueError("every video needs at least one scored frame")
     per_video = {
@@ -132,7 +144,9 @@ def summarize(frame_results: dict[str, list[tuple]]) -> dict:
     per_class = np.mean(list(per_video.values()), axis=0)  # (2, 9): IoU and NSD per class, mean over videos
     miou, mnsd = per_class.mean(axis=1)
     records = [frame for frames in frame_results.values() for frame in frames]
-    seed = {"seed_mIoU": seed_miou(records)} if all(len(frame) == 3 for frame in records) else {}
+    recorded = all(isinstance(frame, FrameRecord) for frame in records)
+    seed = {"seed_mIoU": seed_miou(records)} if recorded else {}
+    counts = np.sum([(r.in_truth, ~r.present) for r in records], axis=0) if recorded else None  # (2, 9), as COUNTS
     return {
         "mIoU": float(miou),
         "mNSD": float(mnsd),
@@ -143,6 +157,7 @@ def summarize(frame_results: dict[str, list[tuple]]) -> dict:
         },
         "classes": {
             CLASS_NAMES[c]: {"IoU": float(per_class[0, k]), "NSD": float(per_class[1, k])}
+            | (dict(zip(COUNTS, map(int, counts[:, k]))) if recorded else {})
             for k, c in enumerate(SCORED_CLASSES)
         },
         "frames": len(records),
@@ -271,15 +286,19 @@ def evaluate_directories(
     zero = np.zeros(NUM_CLASSES - 1)
     frame_results, frames = {m.parts[0]: [] for m in masks}, []
     for m in masks:  # no prediction: 0 on every class, seed mIoU too; nothing added to the confusion matrix
-        iou, nsd, present, confusion = scored.get(m, (zero, zero, np.ones(NUM_CLASSES - 1, bool), None))
-        frame_results[m.parts[0]].append((iou, nsd, present))
+        if m in scored:
+            record, confusion = FrameRecord(*scored[m][:4]), scored[m][4]
+        else:
+            in_truth = np.isin(list(SCORED_CLASSES), read_label_png(masks[m]))
+            record, confusion = FrameRecord(zero, zero, zero == 0, in_truth), None
+        frame_results[m.parts[0]].append(record)
         false_positives = zero.astype(np.int64) if confusion is None else false_positive_pixels(confusion)
         frames.append(
             {
                 "video": m.parts[0],
                 "frame": m.stem,
-                "IoU": iou.tolist(),
-                "NSD": nsd.tolist(),
+                "IoU": record.iou.tolist(),
+                "NSD": record.nsd.tolist(),
                 "false_positives": false_positives.tolist(),
                 "missing": confusion is None,
             }

@@ -258,10 +258,29 @@ def confusion_matrix(confusion, path: Path) -> None:
     save_figure(figure, path)
 
 
-def score_bars(axes, names: list[str], iou: list[float], nsd: list[float], labels=("IoU", "NSD")) -> None:
+ABSENT_MARK = "†"
+ABSENT_NOTE = (
+    f"{ABSENT_MARK} in no ground-truth frame: the official rule scores it 1 on a frame that does not predict it and 0 "
+    "on one that does, so its number measures false positives only, not a learned class"
+)
+
+
+def class_label(name: str, scores: dict) -> str:
+    """A class's name as every table and chart shows it: * thin class, † in no ground-truth frame."""
+    return name + (" *" if name in THIN_CLASSES else "") + (f" {ABSENT_MARK}" if absent_from_truth(scores) else "")
+
+
+def absent_from_truth(scores: dict) -> bool:
+    return scores.get("ground_truth_frames") == 0
+
+
+def score_bars(axes, names: list[str], iou: list[float], nsd: list[float], labels=("IoU", "NSD"), hollow=()) -> None:
+    """Side-by-side IoU and NSD bars; the bars at the indices in hollow are drawn as outlines only (no ground truth)."""
     x = np.arange(len(names))
     for offset, values, label, colour in ((-0.2, iou, labels[0], "tab:blue"), (0.2, nsd, labels[1], "tab:orange")):
         bars = axes.bar(x + offset, values, 0.4, label=f"{label} (mean {np.mean(values):.3f})", color=colour)
+        for k in hollow:
+            bars[k].set(facecolor="none", edgecolor=colour, hatch="//")
         axes.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     axes.set_xticks(x, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
     axes.set_ylim(0, 1.08)
@@ -274,13 +293,16 @@ def class_scores(metrics: dict, path: Path) -> None:
     classes = metrics["classes"]
     figure = Figure(figsize=SCORES_SIZE, layout="constrained")
     axes = figure.subplots()
+    absent = [k for k, scores in enumerate(classes.values()) if absent_from_truth(scores)]
     score_bars(
         axes,
-        [name + (" *" if name in THIN_CLASSES else "") for name in classes],
+        [class_label(name, scores) for name, scores in classes.items()],
         [v["IoU"] for v in classes.values()],
         [v["NSD"] for v in classes.values()],
+        hollow=absent,
     )
-    axes.set_title(f"per class (mean over videos; * thin classes): official score {metrics['score']:.4f}")
+    marks = "; † hatched: in no ground-truth frame, false positives only" if absent else ""
+    axes.set_title(f"per class (mean over videos; * thin classes{marks}): official score {metrics['score']:.4f}")
     save_figure(figure, path)
 
 

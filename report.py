@@ -195,14 +195,16 @@ def score_tables(metrics: dict) -> tuple[str, str, str]:
         ["frames / videos", f"{metrics['frames']} / {len(metrics['videos'])}"],
     ]
     classes = [
-        [swatch(c) + html.escape(c), f"{v['IoU']:.4f}", f"{v['NSD']:.4f}"] for c, v in metrics["classes"].items()
+        [swatch(c) + html.escape(plots.class_label(c, v)), f"{v['IoU']:.4f}", f"{v['NSD']:.4f}", *class_counts(v)]
+        for c, v in metrics["classes"].items()
     ]
     videos = [
         [html.escape(n), f"{v['mIoU']:.4f}", f"{v['mNSD']:.4f}", v["frames"]] for n, v in metrics["videos"].items()
     ]
     return (
         table(["", "value"], summary),
-        table(["class", "IoU", "NSD"], classes),
+        table(["class", "IoU", "NSD", "ground-truth frames", "scored 1 by the absent-class rule"], classes)
+        + f'<p class="none">{html.escape(plots.ABSENT_NOTE)}</p>',
         table(["video", "mIoU", "mNSD", "frames"], videos),
     )
 
@@ -323,6 +325,11 @@ def background_only_score(ground_truth_directory: Path, videos: list[str]) -> di
     return {key: result[key] for key in ("mIoU", "mNSD", "score")}
 
 
+def class_counts(scores: dict) -> list[str]:
+    """A class's ground-truth frames and its frames scored 1 because it is in neither mask, as table cells."""
+    return [str(scores["ground_truth_frames"]), str(scores["absent_rule_frames"])]
+
+
 def print_scores(result: dict, step: int) -> None:
     print(
         f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}"
@@ -331,10 +338,10 @@ def print_scores(result: dict, step: int) -> None:
     print(
         "  "
         + "  ".join(
-            f"{name}{'*' if name in dataset.THIN_CLASSES else ''} {v['IoU']:.2f}/{v['NSD']:.2f}"
+            f"{plots.class_label(name, v).replace(' ', '')} {v['IoU']:.2f}/{v['NSD']:.2f}"
             for name, v in result["classes"].items()
         )
-        + "   (IoU/NSD, * thin classes)"
+        + f"   (IoU/NSD, * thin classes, {plots.ABSENT_MARK} in no validation ground-truth frame: false positives only)"
     )
 
 
@@ -342,8 +349,10 @@ def write_scores(metrics: dict, frames: list[dict], directory: Path) -> None:
     """Every one of SCORE_FILES, metrics.json last: its presence means every other one is complete."""
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["class", "IoU", "NSD"])
-    writer.writerows([name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}"] for name, v in metrics["classes"].items())
+    writer.writerow(["class", "IoU", "NSD", "ground_truth_frames", "absent_rule_frames"])
+    writer.writerows(
+        [name, f"{v['IoU']:.6f}", f"{v['NSD']:.6f}", *class_counts(v)] for name, v in metrics["classes"].items()
+    )
     files.write_bytes_atomically(directory / "per_class.csv", table.getvalue().encode())
     plots.confusion_matrix(metrics["confusion"], directory / "confusion_matrix.png")
     plots.class_scores(metrics, directory / "per_class_scores.png")
@@ -353,10 +362,13 @@ def write_scores(metrics: dict, frames: list[dict], directory: Path) -> None:
 
 
 def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
-    print(f"\n{'class':<20}{'IoU':>8}{'NSD':>8}")
+    print(f"\n{'class':<22}{'IoU':>8}{'NSD':>8}{'GT frames':>11}{'scored 1 by rule':>18}")
     for name, v in metrics["classes"].items():
-        print(f"{name + (' *' if name in THIN_CLASSES else ''):<20}{v['IoU']:>8.4f}{v['NSD']:>8.4f}")
-    print(f"{'mean':<20}{metrics['mIoU']:>8.4f}{metrics['mNSD']:>8.4f}   (* thin classes)")
+        ground_truth, by_rule = class_counts(v)
+        print(f"{plots.class_label(name, v):<22}{v['IoU']:>8.4f}{v['NSD']:>8.4f}{ground_truth:>11}{by_rule:>18}")
+    print(f"{'mean':<22}{metrics['mIoU']:>8.4f}{metrics['mNSD']:>8.4f}   (* thin classes)")
+    if any(plots.absent_from_truth(v) for v in metrics["classes"].values()):
+        print(plots.ABSENT_NOTE)
     print(
         f"official score {metrics['score']:.4f} = sqrt(mIoU x mNSD) over {metrics['frames']} frames of "
         f"{len(metrics['videos'])} videos ({metrics['split']} split)"

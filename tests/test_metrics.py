@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from metrics import (
+    FrameRecord,
     PredictionError,
     confusion_matrix,
     evaluate_directories,
@@ -186,12 +187,13 @@ def test_frame_record_is_frame_scores_plus_which_classes_are_in_either_mask():
     rng = np.random.default_rng(7)
     ground_truth = random_scene(rng)
     prediction = perturbed(rng, ground_truth)
-    iou, nsd, present = frame_record(prediction, ground_truth)
+    iou, nsd, present, in_truth = frame_record(prediction, ground_truth)
     fast_iou, fast_nsd = frame_scores(prediction, ground_truth)
     np.testing.assert_array_equal(iou, fast_iou)
     np.testing.assert_array_equal(nsd, fast_nsd)
     in_either = np.union1d(np.unique(prediction), np.unique(ground_truth))
     assert present.dtype == bool and present.tolist() == [c in in_either for c in range(1, 10)]
+    assert in_truth.tolist() == [c in np.unique(ground_truth) for c in range(1, 10)]
 
 
 def test_masks_of_different_shapes_are_refused():
@@ -241,7 +243,7 @@ def test_score_is_the_geometric_mean_of_dataset_miou_and_mnsd():
 
 def test_summarize_adds_no_seed_miou_unless_every_frame_says_which_classes_it_has():
     assert "seed_mIoU" not in summarize({"video_01": frames(1.0, 1.0)})
-    with_presence = (np.ones(9), np.ones(9), np.ones(9, bool))
+    with_presence = FrameRecord(np.ones(9), np.ones(9), np.ones(9, bool), np.ones(9, bool))
     assert "seed_mIoU" not in summarize({"video_01": [with_presence], "video_02": frames(1.0, 1.0)})
     assert summarize({"video_01": [with_presence]})["seed_mIoU"] == 1.0
 
@@ -274,7 +276,7 @@ def seed_records():
 
 def test_each_frame_value_skips_classes_in_neither_mask_and_counts_a_class_in_one_as_zero():
     for rows, records in zip(SEED_FRAMES.values(), seed_records().values()):
-        for (_, seed_value, official_value), (iou, _, present) in zip(rows, records):
+        for (_, seed_value, official_value), (iou, _, present, _) in zip(rows, records):
             np.testing.assert_allclose(iou[present].mean() if present.any() else np.nan, seed_value)
             assert iou.mean() == pytest.approx(official_value)
 
@@ -288,8 +290,12 @@ def test_the_seed_miou_pools_every_frame_of_every_video_and_skips_frames_without
 
 def test_the_seed_miou_leaves_the_official_score_exactly_as_it_was():
     with_presence = summarize(seed_records())
-    official = summarize({video: [(iou, nsd) for iou, nsd, _ in records] for video, records in seed_records().items()})
-    assert {key: value for key, value in with_presence.items() if key != "seed_mIoU"} == official
+    official = summarize({video: [record[:2] for record in records] for video, records in seed_records().items()})
+    assert {key: value for key, value in with_presence.items() if key not in ("seed_mIoU", "classes")} == {
+        key: value for key, value in official.items() if key != "classes"
+    }
+    scores = {name: {"IoU": v["IoU"], "NSD": v["NSD"]} for name, v in with_presence["classes"].items()}
+    assert scores == official["classes"]  # the class counts beside them change no score
     assert official == summarize(
         {video: [frame_scores(*masks) for masks, _, _ in rows] for video, rows in SEED_FRAMES.items()}
     )

@@ -1,7 +1,17 @@
 """Results a reader cannot misread (issue 27): each test is what a researcher reading the outputs meets."""
 
+import csv
+import html
+import json
+import re
+
+import cv2
+import numpy as np
 import pytest
 
+import plots
+import report
+import run_inference
 import run_training
 from test_reliability import one_line_error
 
@@ -25,3 +35,32 @@ def test_a_bad_value_in_a_recipe_names_the_file_and_the_key(tmp_path, capsys, li
     assert refused.value.code == 2
     message = one_line_error(capsys.readouterr().err)
     assert said.format(recipe=recipe) in message and str(recipe) in message
+
+
+def test_a_class_in_no_ground_truth_frame_is_marked_and_counted_in_every_per_class_table(tmp_path, capsys):
+    data, predictions = tmp_path / "data" / "test" / "video_01" / "segmentation", tmp_path / "pred"
+    data.mkdir(parents=True)
+    (predictions / "video_01" / "segmentation").mkdir(parents=True)
+    for k in range(3):  # tool clasper in every frame; catheter in no ground truth, predicted in one frame
+        truth = np.zeros((64, 96), np.uint8)
+        truth[10:30, 10:40] = 1
+        prediction = truth.copy()
+        prediction[40:50, 50:60] = 9 if k == 0 else 0
+        cv2.imwrite(str(data / f"{60 * k:09d}.png"), truth)
+        cv2.imwrite(str(predictions / "video_01" / "segmentation" / f"{60 * k:09d}.png"), prediction)
+    arguments = ["--data-directory", str(tmp_path / "data"), "--predictions-directory", str(predictions)]
+    assert run_inference.main(arguments) == 0
+    printed = capsys.readouterr().out
+
+    rows = {row["class"]: row for row in csv.DictReader((predictions / "per_class.csv").open())}
+    assert (rows["tool clasper"]["ground_truth_frames"], rows["tool clasper"]["absent_rule_frames"]) == ("3", "0")
+    assert (rows["catheter"]["ground_truth_frames"], rows["catheter"]["absent_rule_frames"]) == ("0", "2")
+    assert re.search(r"^catheter †\s+0\.6667\s+0\.6667\s+0\s+2$", printed, re.M)
+    assert re.search(r"^tool clasper\s+1\.0000\s+1\.0000\s+3\s+0$", printed, re.M)
+    assert plots.ABSENT_NOTE in printed and html.escape(plots.ABSENT_NOTE) in (predictions / "report.html").read_text()
+    assert "catheter †</td>" in (predictions / "report.html").read_text()
+
+    metrics = json.loads((predictions / "metrics.json").read_text())
+    assert metrics["classes"]["catheter"]["ground_truth_frames"] == 0
+    report.print_scores({**metrics, "seed_mIoU": 0.5}, step=10)  # the line each validation prints in training
+    assert "catheter† 0.67/0.67" in capsys.readouterr().out
