@@ -179,9 +179,15 @@ def plot_validation(scores, thin, val: list[dict], selection_metric: str) -> Non
     steps = [r["step"] for r in val]
     for name, colour in (("mIoU", "tab:green"), ("mNSD", "tab:orange"), ("score", "black")):
         scores.plot(steps, [r["val"][name] for r in val], color=colour, marker="o", label=name)
+    floor = next((r["val"]["background_only"]["score"] for r in val if "background_only" in r["val"]), None)
+    if floor is not None:  # a model below this line does worse than predicting nothing
+        scores.axhline(floor, color="tab:red", linestyle=":", label=f"background everywhere {floor:.4f}")
     for name in THIN_CLASSES:
         colour = rgb(CLASS_COLOURS[dataset.CLASS_NAMES.index(name)])
-        thin.plot(steps, [r["val"]["classes"][name]["IoU"] for r in val], marker="o", color=colour, label=f"{name} IoU")
+        absent = bool(val) and absent_from_truth(val[-1]["val"]["classes"][name])
+        label = f"{name} IoU" + (f" {ABSENT_MARK} in no ground-truth frame: false positives only" if absent else "")
+        values = [r["val"]["classes"][name]["IoU"] for r in val]
+        thin.plot(steps, values, marker="o", color=colour, linestyle=":" if absent else "-", label=label)
     chosen = [r for r in val if r["val"].get(selection_metric) is not None]
     best = max(chosen, key=lambda r: r["val"][selection_metric], default=None)
     if best:

@@ -7,6 +7,7 @@ and the frames' visualisations (video_XX/visualisations/), linked relatively so 
 """
 
 import csv
+import functools
 import html
 import io
 import json
@@ -313,15 +314,24 @@ def claim_scores(out: outputs.OutputFolder, predicted_here: bool) -> None:
 
 def background_only_score(ground_truth_directory: Path, videos: list[str]) -> dict:
     """Score of predicting background everywhere, the floor a model has to beat."""
+    masks = ground_truth_masks(ground_truth_directory, videos)
+    return background_only_of(tuple((relative.parts[0], path) for relative, path in masks.items()))
+
+
+@functools.lru_cache(maxsize=8)  # training asks at every validation, of the same masks
+def background_only_of(masks: tuple[tuple[str, Path], ...]) -> dict:
+    """The background-everywhere score of these (video, ground-truth mask) pairs."""
 
     def score(path):
         truth = read_label_png(path)
         return frame_scores(np.zeros_like(truth), truth)
 
-    masks = ground_truth_masks(ground_truth_directory, videos)
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        scores = dict(zip(masks, pool.map(score, masks.values())))
-    result = summarize({video: [s for m, s in scores.items() if m.parts[0] == video] for video in videos})
+        scores = list(pool.map(score, [path for _, path in masks]))
+    per_video = {}
+    for (video, _), frame in zip(masks, scores):
+        per_video.setdefault(video, []).append(frame)
+    result = summarize(per_video)
     return {key: result[key] for key in ("mIoU", "mNSD", "score")}
 
 
@@ -331,9 +341,11 @@ def class_counts(scores: dict) -> list[str]:
 
 
 def print_scores(result: dict, step: int) -> None:
+    floor = result.get("background_only")
     print(
         f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}"
-        f"   (seed mIoU {result['seed_mIoU']:.4f}: the seed pipeline's own metric, not the official score)"
+        + (f"  (background everywhere: {floor['score']:.4f})" if floor else "")
+        + f"   (seed mIoU {result['seed_mIoU']:.4f}: the seed pipeline's own metric, not the official score)"
     )
     print(
         "  "

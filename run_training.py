@@ -384,6 +384,7 @@ def validate_and_select(training: Training, state: LoopState) -> None:
     after --early-stop-patience of them (the same decision on every rank)."""
     args, step = training.args, state.step
     result, kept = validate(training.model, training.val_loader, training.autocast, training.world, training.pictured)
+    result["background_only"] = report.background_only_of(tuple((s.video, s.mask) for s in training.data.val.samples))
     improved = result[args.selection_metric] > state.best_score
     if improved:
         state.best_score, state.best_step, state.validations_without_improvement = (

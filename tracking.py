@@ -34,6 +34,8 @@ def scalars(record: dict) -> dict[str, float]:
     if "val" in record:
         val = record["val"]
         values = {f"val/{key}": val[key] for key in ("mIoU", "mNSD", "score", "seed_mIoU") if key in val}
+        if "background_only" in val:  # the score of predicting nothing, for reference
+            values["val/background_only_score"] = val["background_only"]["score"]
         for name, scores in val["classes"].items():
             values.update({f"val/{metric}/{name}": scores[metric] for metric in ("IoU", "NSD")})
         for name, scores in val["videos"].items():

@@ -8,12 +8,14 @@ import re
 import cv2
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 import plots
 import report
 import run_inference
 import run_training
-from test_reliability import one_line_error
+import tracking
+from test_reliability import one_line_error, train_in_process
 
 
 @pytest.mark.parametrize(
@@ -64,3 +66,25 @@ def test_a_class_in_no_ground_truth_frame_is_marked_and_counted_in_every_per_cla
     assert metrics["classes"]["catheter"]["ground_truth_frames"] == 0
     report.print_scores({**metrics, "seed_mIoU": 0.5}, step=10)  # the line each validation prints in training
     assert "catheter† 0.67/0.67" in capsys.readouterr().out
+    scores, thin = Figure().subplots(1, 2)
+    plots.plot_validation(scores, thin, [{"step": 10, "val": metrics}], "score")  # training_curves.png's panels
+    assert "thread IoU † in no ground-truth frame: false positives only" in [x.get_label() for x in thin.get_lines()]
+
+
+def test_every_validation_reports_the_score_of_predicting_background_everywhere(
+    release_copy, backbone, tmp_path, capsys
+):
+    output = tmp_path / "run"
+    assert train_in_process(release_copy, backbone, output, "--max-steps", "2", "--val-every", "1") == 0
+    val_videos = json.loads((output / "split.json").read_text())["val"]
+    floor = report.background_only_score(release_copy / "train", val_videos)
+    printed = capsys.readouterr().out
+    assert printed.count(f"(background everywhere: {floor['score']:.4f})") == 2  # every validation line
+
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if "val" in r]
+    assert [r["val"]["background_only"] for r in validations] == [floor, floor]
+    assert tracking.scalars(validations[0])["val/background_only_score"] == floor["score"]
+    scores, thin = Figure().subplots(1, 2)
+    plots.plot_validation(scores, thin, validations, "score")
+    assert f"background everywhere {floor['score']:.4f}" in [line.get_label() for line in scores.get_lines()]
