@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import plots  # noqa: E402
 import run_training  # noqa: E402
 from dataset import CLASS_NAMES, THIN_CLASSES  # noqa: E402
 from files import write_json_atomically  # noqa: E402
@@ -314,9 +315,19 @@ def result_row(config: dict, run: Path, status: str) -> dict:
         memory_of=training["device"],
         trainable_parameters=training["parameters"]["trainable"],
     )
+    row.update(background_only_score=scores["background_only"]["score"])
     for name, values in scores["classes"].items():
         row[f"{name} IoU"], row[f"{name} NSD"] = values["IoU"], values["NSD"]
+        row[f"{name} ground_truth_frames"] = values["ground_truth_frames"]
     return row
+
+
+def baseline_lines(scored: list[dict]) -> list[str]:
+    """The background-everywhere row of the summary table, when every configuration was scored on the same frames."""
+    floors = {row["background_only_score"] for row in scored}
+    if len(floors) != 1:
+        return []
+    return [f"| background everywhere (predicting nothing) | | | {floors.pop():.4f} |" + " |" * 8]
 
 
 def write_tables(rows: list[dict], args, output: Path) -> str:
@@ -345,14 +356,17 @@ def write_tables(rows: list[dict], args, output: Path) -> str:
         if row["status"] != "ok":
             lines.append(f"{described} {row['status']} |" + " |" * 8)
             continue
+        below = " (below background)" if row["score"] < row["background_only_score"] else ""
         lines.append(
-            f"{described} {number(row['score'])} | {number(row['mIoU'])} | {number(row['mNSD'])} | "
+            f"{described} {number(row['score'])}{below} | {number(row['mIoU'])} | {number(row['mNSD'])} | "
             f"{row['thread IoU']:.3f}/{row['thread NSD']:.3f} | "
             f"{row['suturing needle IoU']:.3f}/{row['suturing needle NSD']:.3f} | {row['seconds_per_step']:.3f} | "
             f"{row['images_per_second']:.2f} | {row['peak_memory_mb']:.0f} | {row['trainable_parameters']:,} |"
         )
     devices = sorted({row["memory_of"] for row in scored})
+    absent = [name for name in CLASS_NAMES[1:] if scored and all(r[f"{name} ground_truth_frames"] == 0 for r in scored)]
     lines += [
+        *baseline_lines(scored),
         "",
         "peak MB: "
         + (
@@ -364,10 +378,13 @@ def write_tables(rows: list[dict], args, output: Path) -> str:
         )
         + "; s/step and images/s: training time only (validation and saving excluded); * thin classes.",
         "",
-        "Per class (IoU/NSD):",
+        "Per class (IoU/NSD):" + (f" {plots.ABSENT_NOTE}." if absent else ""),
         "",
         "| configuration | "
-        + " | ".join(name + ("*" if name in THIN_CLASSES else "") for name in CLASS_NAMES[1:])
+        + " | ".join(
+            name + ("*" if name in THIN_CLASSES else "") + (f" {plots.ABSENT_MARK}" if name in absent else "")
+            for name in CLASS_NAMES[1:]
+        )
         + " |",
         "|---|" + "---|" * (len(CLASS_NAMES) - 1),
     ]

@@ -9,6 +9,7 @@ import pytest
 
 import run_training
 from conftest import ROOT, run_script
+from dataset import CLASS_NAMES, THIN_CLASSES
 from hub import DEFAULT_BACKBONE
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -121,3 +122,11 @@ def test_ablate_demo_writes_its_tables(tmp_path):
     assert configs[1]["lora"]["rank"] == 8
     assert int(rows[0]["trainable_parameters"]) < int(rows[1]["trainable_parameters"])  # the head alone < head + LoRA
     assert "tables:" in result.stdout
+
+    floor = float(rows[0]["background_only_score"])  # the baseline row, and every row below it says so
+    assert f"| background everywhere (predicting nothing) | | | {floor:.4f} |" in markdown
+    for row in rows:
+        assert (f"{float(row['score']):.4f} (below background)" in markdown) == (float(row["score"]) < floor)
+    absent = [name for name in CLASS_NAMES[1:] if all(row[f"{name} ground_truth_frames"] == "0" for row in rows)]
+    for name in absent:  # a class in no validation frame is marked in the per-class table
+        assert f"{name}{'*' if name in THIN_CLASSES else ''} †" in markdown
