@@ -214,17 +214,19 @@ def fold_scores(metrics: dict, videos: list[str]) -> dict:
     }
 
 
-def summarize_folds(folds, metrics: dict, checkpoint: str) -> dict:
+def summarize_folds(folds, metrics: dict, checkpoint: str, ground_truth: Path) -> dict:
+    """Per fold and over the folds: the official scores, and that of predicting background everywhere."""
     per_fold = [
         {
             "fold": split["fold"],
             "model_directory": str(directory),
             "videos": split["val"],
             **fold_scores(metrics, split["val"]),
+            "background_only_score": report.background_only_score(ground_truth, split["val"])["score"],
         }
         for directory, split in folds
     ]
-    keys = ("mIoU", "mNSD", "score")
+    keys = ("mIoU", "mNSD", "score", "background_only_score")
     return {
         "folds": len(folds),
         "checkpoint": checkpoint,
@@ -232,20 +234,20 @@ def summarize_folds(folds, metrics: dict, checkpoint: str) -> dict:
         "mean": {key: float(np.mean([fold[key] for fold in per_fold])) for key in keys},
         "std": {key: float(np.std([fold[key] for fold in per_fold], ddof=1)) for key in keys},
         "std_note": "sample standard deviation over the folds (ddof=1)",
-        "out_of_fold": {key: metrics[key] for key in (*keys, "frames")},
+        "out_of_fold": {key: metrics[key] for key in ("mIoU", "mNSD", "score", "frames")},
     }
 
 
 def write_fold_table(result: dict, directory: Path) -> None:
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["fold", "videos", "frames", "mIoU", "mNSD", "score"])
+    writer.writerow(["fold", "videos", "frames", "mIoU", "mNSD", "score", "background_only_score"])
     writer.writerows(
         [
             fold["fold"],
             " ".join(fold["videos"]),
             fold["frames"],
-            *(f"{fold[key]:.6f}" for key in ("mIoU", "mNSD", "score")),
+            *(f"{fold[key]:.6f}" for key in ("mIoU", "mNSD", "score", "background_only_score")),
         ]
         for fold in result["per_fold"]
     )
@@ -257,15 +259,18 @@ def print_folds(result: dict, directory: Path) -> None:
     print(
         f"\ncross-validation, {result['folds']} folds, each scored on its own validation videos ({result['checkpoint']} weights)"
     )
-    print(f"{'fold':<6}{'videos':>7}{'frames':>8}{'mIoU':>8}{'mNSD':>8}{'score':>8}")
+    print(f"{'fold':<6}{'videos':>7}{'frames':>8}{'mIoU':>8}{'mNSD':>8}{'score':>8}{'background everywhere':>23}")
     for fold in result["per_fold"]:
+        below = " (below background)" if fold["score"] < fold["background_only_score"] else ""
         print(
-            f"{fold['fold']:<6}{len(fold['videos']):>7}{fold['frames']:>8}{fold['mIoU']:>8.4f}{fold['mNSD']:>8.4f}{fold['score']:>8.4f}"
+            f"{fold['fold']:<6}{len(fold['videos']):>7}{fold['frames']:>8}{fold['mIoU']:>8.4f}{fold['mNSD']:>8.4f}"
+            f"{fold['score']:>8.4f}{fold['background_only_score']:>23.4f}{below}"
         )
     mean, std, pooled = result["mean"], result["std"], result["out_of_fold"]
     print(
         f"mean ± std over folds: score {mean['score']:.4f} ± {std['score']:.4f}  (mIoU {mean['mIoU']:.4f} ± "
-        f"{std['mIoU']:.4f}, mNSD {mean['mNSD']:.4f} ± {std['mNSD']:.4f})"
+        f"{std['mIoU']:.4f}, mNSD {mean['mNSD']:.4f} ± {std['mNSD']:.4f}); background everywhere would score "
+        f"{mean['background_only_score']:.4f} ± {std['background_only_score']:.4f}"
     )
     print(
         f"out of fold over all {pooled['frames']} frames: score {pooled['score']:.4f} (mIoU {pooled['mIoU']:.4f}, "
@@ -299,7 +304,7 @@ def score_folds(args, inference_arguments: list[str]) -> int:
         names = [v.name for v in video_dirs]
         metrics = report.score_predictions(fold_args, ground_truth, names, out, predicted_here=True, one_run=False)
         out.record(["folds.csv", RESULT_FILE], begun=True)
-        result = summarize_folds(folds, metrics, args.checkpoint)
+        result = summarize_folds(folds, metrics, args.checkpoint, ground_truth)
         write_fold_table(result, output)
         out.record(["folds.csv", RESULT_FILE])
     print_folds(result, output)

@@ -13,6 +13,7 @@ import cross_validate
 import dataset
 import discovery
 import inference
+import report
 import run_inference
 import run_training
 from metrics import evaluate_directories, read_label_png
@@ -149,6 +150,17 @@ def test_the_out_of_fold_score_is_the_metric_of_the_union_of_the_folds_predictio
         np.std(scores, ddof=1)
     )
     assert (out_of_fold / "folds.csv").read_text().count("\n") == 3 and (out_of_fold / "per_class.csv").is_file()
+
+
+def test_every_fold_is_shown_beside_the_score_of_predicting_background_everywhere(out_of_fold, release, capsys):
+    result = json.loads((out_of_fold / "cross_validation.json").read_text())
+    floors = [report.background_only_score(release / "train", fold["videos"])["score"] for fold in result["per_fold"]]
+    assert [fold["background_only_score"] for fold in result["per_fold"]] == floors
+    assert result["mean"]["background_only_score"] == pytest.approx(np.mean(floors))
+    assert "background_only_score" in (out_of_fold / "folds.csv").read_text().splitlines()[0]
+    cross_validate.print_folds(result, out_of_fold)
+    printed = capsys.readouterr().out
+    assert "background everywhere" in printed and f"would score {np.mean(floors):.4f}" in printed
 
 
 def test_scoring_needs_every_fold_of_one_division(trained_folds, release, capsys):
