@@ -320,5 +320,11 @@ def video_scores(metrics: dict, path: Path) -> None:
     score_bars(
         axes, list(videos), [v["mIoU"] for v in videos.values()], [v["mNSD"] for v in videos.values()], ("mIoU", "mNSD")
     )
-    axes.set_title("per video: mIoU and mNSD over the scored classes")
+    floor = metrics.get("background_only")
+    for key, colour in (("mIoU", "tab:blue"), ("mNSD", "tab:orange")) if floor else ():
+        axes.axhline(
+            floor[key], color=colour, linestyle=":", label=f"background everywhere (all videos) {key} {floor[key]:.3f}"
+        )
+    axes.legend(loc="upper right", fontsize="small")
+    axes.set_title("per video: mIoU and mNSD over the scored classes (dotted: predicting background everywhere)")
     save_figure(figure, path)

@@ -88,3 +88,12 @@ def test_every_validation_reports_the_score_of_predicting_background_everywhere(
     scores, thin = Figure().subplots(1, 2)
     plots.plot_validation(scores, thin, validations, "score")
     assert f"background everywhere {floor['score']:.4f}" in [line.get_label() for line in scores.get_lines()]
+
+
+def test_the_per_video_chart_draws_the_score_of_predicting_background_everywhere(monkeypatch, tmp_path):
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: drawn.append(figure))
+    videos = {"video_01": {"mIoU": 0.5, "mNSD": 0.7, "frames": 3}}
+    plots.video_scores({"videos": videos, "background_only": {"mIoU": 0.8, "mNSD": 0.9, "score": 0.85}}, tmp_path)
+    labels = [line.get_label() for line in drawn[0].axes[0].get_lines()]
+    assert labels == ["background everywhere (all videos) mIoU 0.800", "background everywhere (all videos) mNSD 0.900"]
