@@ -2,6 +2,7 @@
 decoding and H.264 encoding on threads, so that decoding, the model and encoding overlap and memory stays bounded on
 an hour-long 1080p recording."""
 
+import logging
 import os
 import queue
 import threading
@@ -30,6 +31,9 @@ MAX_WAITING = 64  # frames held for the prediction they show (with --every): abo
 H264_SETTINGS = ["-preset", "superfast", "-crf", "20", "-movflags", "+faststart", "-f", "mp4"]
 END = None  # what a queue holds after the last frame
 UNTIL_THE_END = 2**62
+# imageio-ffmpeg warns when a writer closes before its first frame (Ctrl-C, a failed decode): such an overlay is never
+# kept and our own one line says why
+logging.getLogger("imageio_ffmpeg").addFilter(lambda record: "No frames have been written" not in record.getMessage())
 
 
 @dataclass

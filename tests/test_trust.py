@@ -4,10 +4,12 @@ one line. Each test is a case a careful or a careless user meets; each failed on
 import contextlib
 import errno
 import json
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -29,6 +31,7 @@ import run_directory
 import run_inference
 import run_training
 import test_backbone_files
+import video
 from conftest import ROOT, decode_all, training_folders
 from make_tiny_backbone import save_tiny_backbone
 from test_reliability import one_line_error, train_in_process
@@ -631,6 +634,19 @@ def test_the_rope_base_of_a_low_precision_copy_of_meta_s_checkpoint_is_exact(dty
     assert backbone_files.rope_settings(periods.to(dtype), "copy.pth") == (64, 100.0)
 
 
+def interrupted(command: list[str], folder, first_output: str) -> str:
+    """Start command, press Ctrl-C once a file matching first_output exists under folder; the stderr of its exit
+    code 130."""
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(folder.glob(first_output)) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    return stderr
+
+
 def test_ctrl_c_on_the_video_path_is_one_line_and_leaves_no_overlay(release, trained, tmp_path):
     out = tmp_path / "out"
     video = release / "test" / "video_41" / "video_left.avi"
@@ -644,29 +660,22 @@ def test_ctrl_c_on_the_video_path_is_one_line_and_leaves_no_overlay(release, tra
         "--output",
         str(out),
     ]
-    process = subprocess.Popen(
-        [*command, *"--save-masks --batch-size 1 --tta flip".split()], cwd=ROOT, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.time() + 120
-    while not list(out.glob(".staging-*/masks/*.png")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    stderr = interrupted([*command, *"--save-masks --batch-size 1 --tta flip".split()], out, ".staging-*/masks/*.png")
     assert one_line_error(stderr).startswith("error: interrupted")
     assert not (out / "overlay.mp4").exists() and not list((out / "masks").glob("*.png"))
+
+
+def test_an_overlay_stopped_before_its_first_frame_prints_nothing_beside_the_one_line(tmp_path, capfd, caplog):
+    halt = threading.Event()
+    halt.set()  # Ctrl-C before the first frame reached the encoder
+    assert video.encode_frames(tmp_path / "overlay.mp4", (48, 64), 30.0, None, queue.Queue(), halt) == 0
+    assert capfd.readouterr().err == "" and caplog.records == []  # no warning of imageio-ffmpeg's either
 
 
 def test_ctrl_c_in_frame_extraction_is_one_line_and_the_next_run_finishes(release, tmp_path):
     data = shutil.copytree(release, tmp_path / "sarrarp", ignore=shutil.ignore_patterns("frames"))
     command = [sys.executable, str(ROOT / "scripts" / "extract_frames.py"), str(data), "--rate", "all", "--jobs", "2"]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(data.glob("*/video_*/frames/*.png")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    stderr = interrupted(command, data, "*/video_*/frames/*.png")
     assert (
         one_line_error(stderr)
         == "error: interrupted; the frames written so far are kept, run the same command again to finish"
