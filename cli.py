@@ -8,6 +8,7 @@ import sys
 import torch
 import yaml
 
+import progress_bars
 from hub import redact_tokens
 
 NO_DATA_HINT = "see 'Data preparation' in README.md, or try the built-in demo first: bash scripts/demo.sh"
@@ -148,6 +149,7 @@ def one_line(error: BaseException) -> str:
 def exit_code(work, args, expected: tuple, again: str = "run it again") -> int:
     """Run work(args): its exit code (0 for None), or one line on stderr and 1 for an expected error, a data loader
     worker that died or memory that ran out, 130 for Ctrl-C: never a traceback, never a token. again: how to go on."""
+    progress_bars.quiet_library_bars()
     try:
         return work(args) or 0
     except expected as error:

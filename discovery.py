@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import files
+import progress_bars
 from dataset import NUM_CLASSES, DataError, Sample, read_mask, read_png_header
 
 FRAME_FOLDERS = ("frames", "rgb")  # ours, and the official toolkit's
@@ -143,7 +143,7 @@ def scan_samples(
     good, counts, shapes = [], [], set()
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         results = pool.map(lambda sample: scan_sample(sample, cache), samples)
-        progress = tqdm(
+        progress = progress_bars.bar(
             results, total=len(samples), desc="checking masks", unit="mask", leave=False, disable=len(samples) < 200
         )
         for sample, result in zip(samples, progress):

@@ -1,6 +1,7 @@
 """A trained model, or an ensemble with test-time augmentation, on frames: class ids at the source size, written
 in the official toolkit's layout (VIDEO/segmentation/<mask name>.png) with a picture of each ground-truth frame."""
 
+import argparse
 import collections
 import os
 import sys
@@ -14,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import cli
 import dataset
@@ -24,9 +24,10 @@ import hub
 import memory
 import outputs
 import plots
+import progress_bars
 import report
 from metrics import SCORED_CLASSES
-from model import ModelDirectoryError, load_trained_model, read_model_config
+from trained_model import ModelDirectoryError, load_trained_model, read_model_config
 
 
 def unlabelled_frames(video_dir: Path) -> list[Path]:
@@ -242,6 +243,23 @@ def plan_passes(args, members, source_size, batch_size: int) -> Plan:
     return Plan(device, precision, autocast, sizes, passes)
 
 
+def segment_frames(members, frames: np.ndarray, tta: str = "none", scales=(1.0,), precision=None) -> np.ndarray:
+    """The Python API's prediction: class ids (H, W) uint8 at the frame's own size for one RGB uint8 frame (H, W, 3),
+    or (B, H, W) for a batch (B, H, W, 3), by the passes run_inference.py makes (members: [load_trained_model(...)],
+    more than one for an ensemble)."""
+    batch = frames[None] if frames.ndim == 3 else frames
+    source_size = tuple(batch.shape[1:3])
+    names = [config.get("arguments", {}).get("output_directory", "the model") for _, config in members]
+    settings = argparse.Namespace(model_directory=names, tta=tta, tta_scales=list(scales), precision=precision)
+    plan = plan_passes(settings, members, source_size, len(batch))
+    inputs = [
+        torch.from_numpy(np.stack([dataset.scale_image(frame, size) for frame in batch])).permute(0, 3, 1, 2)
+        for size in plan.sizes
+    ]
+    labels = predict(plan.passes, [x.to(plan.device) for x in inputs], source_size, plan.autocast).cpu().numpy()
+    return labels[0] if frames.ndim == 3 else labels
+
+
 def predict_frames(args, members, frames, source_size, root: Path) -> str:
     """Write every frame's prediction (and picture) under root/VIDEO/; returns the precision used."""
     plan = plan_passes(args, members, source_size, args.batch_size)
@@ -255,7 +273,10 @@ def predict_frames(args, members, frames, source_size, root: Path) -> str:
     writers = min(8, os.cpu_count() or 1)
     described = "predicting" + (f" ({len(plan.passes)} passes a frame)" if len(plan.passes) > 1 else "")
     # PNG encoding and pictures overlap with the model
-    with ThreadPoolExecutor(writers) as pool, tqdm(total=len(frames), desc=described, unit="frame") as progress:
+    with (
+        ThreadPoolExecutor(writers) as pool,
+        progress_bars.bar(total=len(frames), desc=described, unit="frame") as progress,
+    ):
         pending, done = collections.deque(), 0
         for inputs in loader:
             inputs = [x.to(plan.device, non_blocking=True) for x in inputs]

@@ -11,10 +11,10 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 import discovery
 import files
+import progress_bars
 from dataset import CLASS_NAMES, NUM_CLASSES
 
 SCORED_CLASSES = range(1, NUM_CLASSES)  # background is never scored
@@ -249,7 +249,7 @@ def score_files(jobs: list[tuple[Path, Path]], workers: int | None, progress: bo
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         scored = pool.map(_score_files, jobs, chunksize=4) if pool else map(_score_files, jobs)
-        return list(tqdm(scored, total=len(jobs), desc="scoring", unit="frame", disable=not progress))
+        return list(progress_bars.bar(scored, total=len(jobs), desc="scoring", unit="frame", disable=not progress))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)

@@ -286,7 +286,18 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     schedule.add_argument(
         "--log-every", type=int, default=10, help="log training loss every N steps (default: %(default)s)"
     )
-    schedule.add_argument("--resume", **SWITCH, help="continue the run in --output-directory from its checkpoint")
+    schedule.add_argument(
+        "--resume",
+        **SWITCH,
+        help="continue the run in --output-directory from its checkpoint; with a larger --max-steps or --epochs, a "
+        "finished run trains on (the schedule is recomputed over the new total: see docs/training.md)",
+    )
+    schedule.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="start from the trained weights of another run (its best/; or name its best/ or last/ folder): same "
+        "backbone, backbone training and head; recorded in config.json",
+    )
     schedule.add_argument(
         "--report-to",
         choices=tracking.REPORTERS,

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ import plots
 import tracking
 from backbone_files import architecture, resolve_backbone
 from cli import first_line
-from model import CONFIG_VERSION, count_parameters, parameter_bytes, save_trainable_weights, trainable_state_dict
+from model import count_parameters, parameter_bytes
+from trained_model import CONFIG_VERSION, save_trainable_weights, trainable_state_dict
 
 # Arguments a resumed run may change; any other change would silently break the schedule, the data
 # order or the model (e.g. a new batch size shifts where the epoch resumes).
@@ -46,6 +48,8 @@ CHANGEABLE_ON_RESUME = {
     "backbone",
     "low_res",
     "report_to",
+    "max_steps",  # a budget that changes on --resume: run_training.change_budget
+    "epochs",
 }
 START_AGAIN = "restore it, or start a new run in another --output-directory"
 
@@ -78,6 +82,8 @@ class RunDirectory:
         inputs = {"the training data": Path(args.data_directory) / "train"}
         if os.path.exists(args.backbone):
             inputs["the backbone"] = Path(args.backbone)
+        if args.init_from:
+            inputs["the --init-from model"] = Path(args.init_from)
         outputs.check_apart(self.path, inputs)
         if not args.resume:
             if self.checkpoint_path.exists():
@@ -140,6 +146,15 @@ class RunDirectory:
             self.metrics_file.write_text("".join(line + "\n" for line in kept))
         return saved
 
+    def record_budget(self, budget: dict, step: int) -> None:
+        """config.json of a resumed run whose --max-steps/--epochs changed: the new budget, and at which step."""
+        if self.rank == 0:
+            config = read_run_config(self.config_path)
+            before = {name: config["arguments"].get(name) for name in budget}
+            config["arguments"].update(budget)
+            config.setdefault("budget_changes", []).append({"step": step, "from": before, "to": budget})
+            files.write_json_atomically(self.config_path, config)
+
     def open_tracker(self, report_to: str, resumed_at: int | None) -> bool:
         """Rank 0's --report-to tracker, given the run's config.json; True if there is one."""
         if self.rank == 0:
@@ -179,6 +194,18 @@ class RunDirectory:
     def close(self) -> None:
         if self.tracker:
             self.tracker.close()
+
+
+def next_commands(args) -> str:
+    """What to type after a training run: predict and score the test videos, and look at the curves."""
+    output = shlex.quote(args.output_directory)
+    lines = [
+        f"next: python run_inference.py --model-directory {output} --data-directory {shlex.quote(args.data_directory)}"
+        "   (predict and score the test videos)"
+    ]
+    if args.report_to == "tensorboard":
+        lines.append(f"      tensorboard --logdir {output}/tensorboard   (the curves and pictures, live)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- what the metrics log measures

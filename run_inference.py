@@ -30,7 +30,7 @@ import options
 import outputs
 import report
 import video
-from model import ModelDirectoryError
+from trained_model import ModelDirectoryError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 import cli
 import dataset
@@ -28,9 +27,11 @@ import losses
 import options
 import outputs
 import plots
+import progress_bars
 import report
 import run_directory
 import tracking
+import trained_model
 from metrics import frame_record, summarize
 from model import HeadConfigError, LoRA, backbone_fingerprint, build_model, count_parameters, parameter_bytes
 from run_directory import RunDirectory
@@ -223,6 +224,32 @@ def make_scheduler(optimizer, args, total_steps: int) -> torch.optim.lr_schedule
     return torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
 
 
+def change_budget(training, state, saved_arguments: dict, log) -> None:
+    """--resume with another --max-steps or --epochs: the run goes on to the new total, a finished one too (unless it
+    stopped early). The schedule is recomputed over the new total: the steps taken kept their learning rates and the
+    next follow the new curve, so a cosine's rate rises to where the longer cosine is at this step."""
+    args, scheduler = training.args, training.scheduler
+    budget = {"max_steps": args.max_steps, "epochs": args.epochs}
+    before = saved_arguments.get("max_steps") or saved_arguments.get("epochs", 1) * training.steps_per_epoch
+    if budget == {name: saved_arguments.get(name) for name in budget}:
+        return
+    if training.total_steps < state.step:
+        raise run_directory.RunDirectoryError(
+            f"the run is at step {state.step}, past the {training.total_steps} steps of the new budget: give a "
+            "larger --max-steps or --epochs, or the old ones"
+        )
+    was = training.optimizer.param_groups[0]["lr"]
+    for group, base_lr, factor in zip(training.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(state.step)  # what the new schedule gives the next step
+    state.finished = state.stopped_early or state.step == training.total_steps
+    log(
+        f"budget {before} -> {training.total_steps} steps at step {state.step}: the {args.schedule} schedule now spans "
+        f"{training.total_steps} steps; the next step's learning rate is {training.optimizer.param_groups[0]['lr']:.3g} "
+        f"(it was {was:.3g})" + (" (the run stopped early: it stays stopped)" if state.stopped_early else "")
+    )
+    training.run.record_budget(budget, state.step)
+
+
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -279,6 +306,10 @@ def setup(args, log) -> tuple[Training, LoopState]:
     if saved_config is not None:
         run_directory.check_fingerprints(saved_config, fingerprints)
     checkpoint = run_directory.load_checkpoint(run.checkpoint_path) if args.resume else None
+    initial_weights = None
+    if args.init_from and checkpoint is None:
+        initial_weights = trained_model.load_initial_weights(model, args.init_from)
+        log(f"initial weights: {initial_weights['directory']}/{initial_weights['weights']}/ (--init-from)")
     precision = cli.precision_for(args.precision, device)
     run.hold(data.records)
 
@@ -286,8 +317,10 @@ def setup(args, log) -> tuple[Training, LoopState]:
     state = LoopState()
     if checkpoint is not None:
         state = run.restore(checkpoint, model, training.optimizer, training.scheduler, training.scaler, state)
+        change_budget(training, state, saved_config["arguments"], log)
     else:
-        run.start(run_directory.run_record(args, model, data.train, precision, world, device, fingerprints))
+        record = run_directory.run_record(args, model, data.train, precision, world, device, fingerprints)
+        run.start({**record, "init_from": initial_weights})
     if not state.finished and run.open_tracker(args.report_to, state.step if checkpoint is not None else None):
         shown = training.val_loader.sampler  # this rank's validation indices
         training.pictured = set(shown[:: max(1, len(shown) // VALIDATION_PICTURES)][:VALIDATION_PICTURES])
@@ -364,7 +397,9 @@ def validate(model, loader, autocast, world: int, pictured=()) -> tuple[dict, di
     model.eval()
     data, device = loader.dataset, model.mean.device
     scored, kept = [], {}
-    for batch in tqdm(loader, desc="validating", unit="batch", leave=False, disable=distributed.rank() != 0):
+    for batch in progress_bars.bar(
+        loader, desc="validating", unit="batch", leave=False, disable=distributed.rank() != 0
+    ):
         with autocast():
             logits = model(batch["image"].to(device, non_blocking=True), data.source_size, data.content_size)
         predictions = logits.argmax(1).to(torch.uint8).cpu().numpy()
@@ -432,11 +467,14 @@ def train(args) -> None:
     training, state = setup(args, log)
     if state.finished:
         log(f"{training.run.path} holds a finished run (step {state.step}); nothing to do")
+        log(run_directory.next_commands(args))
         return
     if state.step:
         log(f"resuming at step {state.step} of {training.total_steps}")
     total, rank = training.total_steps, training.rank
-    with tqdm(total=total, initial=state.step, desc="training", unit="step", disable=rank != 0) as progress:
+    with progress_bars.bar(
+        total=total, initial=state.step, desc="training", unit="step", disable=rank != 0
+    ) as progress:
         throughput = run_directory.Throughput()
         training.model.train()
         while not state.finished:
@@ -465,6 +503,7 @@ def train(args) -> None:
     training.run.close()
     best = f"best validation {args.selection_metric} {state.best_score:.4f} at step {state.best_step}"
     log(f"done: {best}; outputs in {training.run.path}/")
+    log(run_directory.next_commands(args))
 
 
 EXPECTED_ERRORS = (
@@ -475,6 +514,7 @@ EXPECTED_ERRORS = (
     HeadConfigError,
     tracking.TrackingError,
     outputs.OutputError,
+    trained_model.ModelDirectoryError,
     FloatingPointError,
     OSError,
 )

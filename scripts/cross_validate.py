@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import run_directory  # noqa: E402
 import run_inference  # noqa: E402
 import run_training  # noqa: E402
 from cli import OneLineErrorParser  # noqa: E402
-from model import ModelDirectoryError  # noqa: E402
+from trained_model import ModelDirectoryError  # noqa: E402
 
 MANAGED_BY_TRAIN = ("--folds", "--fold", "--output-directory", "--resume", "--val-videos", "--val-fraction")
 MANAGED_BY_SCORE = (
@@ -135,9 +136,10 @@ def train_folds(args, training_arguments: list[str]) -> int:
             )
             return code  # 130 after Ctrl-C
     if rank_0:
+        data = shlex.quote(run_training.parse_args(training_arguments).data_directory)
         print(
-            f"all {args.folds} folds trained; score them: python scripts/cross_validate.py score {output}/fold_* "
-            "--data-directory DATA"
+            f"all {args.folds} folds trained; score them: python scripts/cross_validate.py score "
+            f"{shlex.quote(str(output))}/fold_* --data-directory {data}"
         )
     return 0
 

@@ -23,9 +23,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import cv2
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import progress_bars  # noqa: E402
 from discovery import MASK_NAME, frame_index, video_masks  # noqa: E402
 from files import find_folders, remove_partial_files, write_image_atomically, write_json_atomically  # noqa: E402
 
@@ -187,7 +187,7 @@ def main() -> int:
         max_workers=args.jobs, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)
     ) as pool:
         futures = {pool.submit(extract_video, video, args.rate, args.output_name): video for video in videos}
-        progress = tqdm(as_completed(futures), total=len(futures), unit="video", desc="extracting frames")
+        progress = progress_bars.bar(as_completed(futures), total=len(futures), unit="video", desc="extracting frames")
         try:
             for future in progress:
                 try:

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import progress_bars  # noqa: E402
 
 FPS = 60
 FRAMES_PER_MASK = 60  # one mask per second, as in the release
@@ -662,7 +664,7 @@ def make_demo_dataset(
     ]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
     folders = masks = 0
-    with tqdm(total=len(tasks), unit="video", desc="rendering", disable=not progress) as bar:
+    with progress_bars.bar(total=len(tasks), unit="video", desc="rendering", disable=not progress) as bar:
         if jobs == 1:
             results = (render_operation(*task) for task in tasks)
         else:  # each video has its own random generator: the output does not depend on jobs

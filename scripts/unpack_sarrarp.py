@@ -15,7 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import progress_bars  # noqa: E402
 
 VIDEO_ZIP = re.compile(r"(?:^|/)(video_(\d+)(?:_\d+)?)\.zip$")
 LAST_TRAINING_VIDEO = 40
@@ -124,7 +125,8 @@ def main() -> int:
         if not videos:
             raise UnpackError("found no video_XX.zip in " + ", ".join(args.sources))
         unpacked = sum(
-            unpack_video_zip(opener, name, output) for name, opener in tqdm(videos, unit="video", desc="unpacking")
+            unpack_video_zip(opener, name, output)
+            for name, opener in progress_bars.bar(videos, unit="video", desc="unpacking")
         )
     except (UnpackError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -17,7 +17,7 @@ import report
 import run_inference
 import run_training
 from metrics import evaluate_directories, read_label_png
-from model import load_trained_model
+from trained_model import load_trained_model
 
 FRAMES = {**{f"video_{i:02d}": 20 + (7 * i) % 13 for i in range(1, 21) if i != 11}, "video_11_1": 9, "video_11_2": 14}
 
@@ -94,13 +94,16 @@ def trained_folds(release, backbone, tmp_path_factory):
     return output, arguments
 
 
-def test_the_fold_runner_skips_a_finished_fold_and_resumes_an_interrupted_one(trained_folds, capsys):
+def test_the_fold_runner_skips_a_finished_fold_resumes_an_interrupted_one_and_says_how_to_score(
+    trained_folds, release, capsys
+):
     output, arguments = trained_folds
     finished_checkpoint = (output / "fold_0" / "checkpoint.pt").stat().st_mtime_ns
     assert cross_validate.main(arguments) == 0
     printed = capsys.readouterr().out
     assert "fold 0 of 2: finished, skipped" in printed and "fold 1 of 2: resuming" in printed
     assert "resuming at step 2 of 3" in printed
+    assert f"score them: python scripts/cross_validate.py score {output}/fold_* --data-directory {release}" in printed
     assert (output / "fold_0" / "checkpoint.pt").stat().st_mtime_ns == finished_checkpoint
     assert cross_validate.fold_state(output / "fold_1") == "finished"
     splits = [json.loads((output / f"fold_{i}" / "split.json").read_text()) for i in (0, 1)]

@@ -4,6 +4,7 @@ mIoU beside it), re-scoring, bad input."""
 import csv
 import json
 import shutil
+import sys
 from html.parser import HTMLParser
 
 import cv2
@@ -19,7 +20,7 @@ import plots
 import run_inference
 from conftest import ROOT, run_script, train_with_own_backbone
 from metrics import evaluate_directories, false_positive_pixels, frame_scores, read_label_png, summarize
-from model import load_trained_model
+from trained_model import load_trained_model
 
 INFER = ROOT / "run_inference.py"
 
@@ -419,3 +420,26 @@ def test_the_report_renders_in_headless_chromium(test_run, trained_model, tmp_pa
     )
     picture = cv2.imread(str(screenshot))
     assert picture.shape == (1600, 1200, 3) and picture.std() > 10  # a page with content, not a blank or error page
+
+
+def test_the_python_api_of_docs_inference_md_runs_in_a_fresh_interpreter(test_run, trained_model, release, tmp_path):
+    """The documented notebook calls, run as written from a folder holding trained-models/ and sarrarp/: the frame's
+    labels are the script's prediction, and the score is metrics.json's."""
+    text = (ROOT / "docs" / "inference.md").read_text()
+    snippet = text.split("## From Python (a notebook)")[1].split("```python\n")[1].split("```")[0]
+    snippet = snippet.replace("/path/to/clone", str(ROOT))
+    snippet += (
+        "import json\n"
+        "np.save('labels.npy', labels); np.save('batch.npy', batch)\n"
+        "json.dump(scores['score'], open('score.json', 'w'))\n"
+    )
+    (tmp_path / "trained-models").symlink_to(trained_model)
+    (tmp_path / "sarrarp").symlink_to(release)
+    result = run_script(sys.executable, "-c", snippet, cwd=tmp_path)
+    assert "tool clasper" in result.stdout
+    labels, batch = np.load(tmp_path / "labels.npy"), np.load(tmp_path / "batch.npy")
+    predicted = read_label_png(trained_model / "inference" / "video_41" / "segmentation" / "000000060.png")
+    np.testing.assert_array_equal(labels, predicted)
+    assert batch.shape == (2, *labels.shape) and batch.dtype == np.uint8
+    written = json.loads((trained_model / "inference" / "metrics.json").read_text())["score"]
+    assert json.loads((tmp_path / "score.json").read_text()) == pytest.approx(written, abs=1e-9)

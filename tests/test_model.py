@@ -21,7 +21,8 @@ from dataset import IGNORE_INDEX, NUM_CLASSES, PATCH_SIZE  # noqa: E402
 from hub import DEFAULT_BACKBONE, BackboneError, resolve_hf_token  # noqa: E402
 from losses import weighted_cross_entropy  # noqa: E402
 from make_tiny_backbone import save_tiny_backbone  # noqa: E402
-from model import LoRA, build_model, count_parameters, load_trainable_weights, save_trainable_weights  # noqa: E402
+from model import LoRA, build_model, count_parameters  # noqa: E402
+from trained_model import load_trainable_weights, save_trainable_weights  # noqa: E402
 
 SECRET = "hf_notARealTokenButSecret123"
 

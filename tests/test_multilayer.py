@@ -12,7 +12,8 @@ import run_training
 from conftest import ROOT, background_scores, run_script, training_folders
 from dataset import IGNORE_INDEX, NUM_CLASSES
 from losses import soft_dice_loss
-from model import HeadConfigError, MultiLayerHead, build_model, default_feature_layers, load_trained_model
+from model import HeadConfigError, MultiLayerHead, build_model, default_feature_layers
+from trained_model import load_trained_model
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import hub
 import losses
 import model as model_module
 import run_training
+import trained_model
 from conftest import ROOT, run_script
 from make_tiny_backbone import save_tiny_backbone
 from test_training import TRAIN, records, training_args
@@ -58,7 +59,7 @@ def test_the_per_patch_head_keeps_its_own_name(backbone):
 
 def test_an_earlier_versions_model_directory_loads_and_predicts_unchanged(backbone):
     """tests/fixtures/model-v1: written by the version whose "mlp" was the per-patch head, with its predictions."""
-    model, config = model_module.load_trained_model(FIXTURES / "model-v1", backbone=str(backbone))
+    model, config = trained_model.load_trained_model(FIXTURES / "model-v1", backbone=str(backbone))
     assert "config_version" not in config and model.head_config["type"] == "patch-mlp"
     expected = load_file(FIXTURES / "model-v1" / "expected_logits.safetensors")
     with torch.no_grad():
@@ -111,7 +112,7 @@ def test_frozen_trains_only_the_head(demo_release, backbone, tmp_path):
     run = tmp_path / "frozen"
     run_script(*training_args(demo_release, backbone, run, "--max-steps", "3", "--backbone-training", "frozen"))
     assert backbone_weights(run) == {}  # no LoRA, no backbone copy
-    model, _ = model_module.load_trained_model(run, "last")
+    model, _ = trained_model.load_trained_model(run, "last")
     original = backbone_files.load_backbone(str(backbone)).state_dict()
     for name, tensor in model.vit().state_dict().items():
         assert torch.equal(tensor, original[name]), name  # bit-identical
@@ -132,7 +133,7 @@ def test_full_changes_the_backbone_and_reloads_for_inference_without_flags(demo_
     assert "backbone.embeddings.patch_embeddings.weight" in saved
     changed = [k for k, v in saved.items() if not torch.equal(v, original[k.removeprefix("backbone.")])]
     assert len(changed) > len(saved) // 2
-    model, config = model_module.load_trained_model(run, "last")
+    model, config = trained_model.load_trained_model(run, "last")
     assert config["backbone_training"] == "full" and model.backbone_training == "full"
     for name, tensor in saved.items():
         assert torch.equal(model.state_dict()[name], tensor), name
