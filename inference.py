@@ -132,7 +132,8 @@ def save_frame_outputs(labels, frame: Path, mask: Path | None, video_output: Pat
         labels = remove_small_components(labels, min_component_size)
     files.write_image_atomically(video_output / "segmentation" / frame.name, labels)
     if mask is not None:
-        picture = plots.visualisation(dataset.read_image(frame), labels, dataset.read_mask(mask))
+        caption = f"{video_output.name}/{frame.stem}"
+        picture = plots.visualisation(dataset.read_image(frame), labels, dataset.read_mask(mask), caption)
         files.write_image_atomically(
             video_output / "visualisations" / frame.name, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)
         )

@@ -3,6 +3,7 @@ of the scores (matplotlib's Agg canvas: no screen, no pyplot state shared betwee
 
 import functools
 import io
+import math
 from pathlib import Path
 
 import cv2
@@ -13,31 +14,44 @@ from matplotlib.figure import Figure
 import dataset
 import files
 from dataset import THIN_CLASSES
-from metrics import SCORED_CLASSES
+from metrics import SCORED_CLASSES, frame_scores
 
 DPI = 100
 CURVES_SIZE = (14, 8)  # inches at DPI: training_curves.png is 1400 x 800 pixels
 CONFUSION_SIZE = (10, 8.5)
 SCORES_SIZE = (12, 4.5)  # per_class_scores.png and per_video_scores.png
+SCORE_CURVES = {  # the validation panel's curves: colour and label
+    "mIoU": ("tab:green", "mIoU"),
+    "mNSD": ("tab:orange", "mNSD"),
+    "score": ("black", "score"),
+    "seed_mIoU": ("tab:brown", "baseline mIoU (not the official score)"),
+}
+OFFICIAL_CURVES = ("mIoU", "mNSD", "score")  # always drawn; seed_mIoU only when it selects the best
+LR_TITLE = "learning rate of the head's parameter group (--head-lr)"  # records' lr: param_groups[0], the head's
+LR_LABEL = "head; the backbone's groups, if trained, follow the same schedule"
 SMOOTHING = 0.9  # exponential moving average of the training loss, debiased as TensorBoard's smoothing is
-# Class colours (RGB) for pictures; background stays uncoloured.
+# Class colours (RGB) of every picture (overlays, legends, charts, report.html); background stays uncoloured. Each
+# differs from white and from tissue, fat, metal and shadow by a CIE Lab distance of at least 30 and from the others
+# by at least 30, and has a contrast ratio of at least 2 against white: none vanishes on light tissue or a white page.
 CLASS_COLOURS = {
-    1: (255, 225, 25),  # tool clasper: yellow
-    2: (70, 240, 240),  # tool wrist: cyan
-    3: (0, 130, 200),  # tool shaft: blue
-    4: (240, 50, 230),  # suturing needle: magenta
-    5: (60, 220, 75),  # thread: green
-    6: (245, 130, 48),  # suction tool: orange
-    7: (145, 30, 180),  # needle holder: purple
-    8: (210, 245, 60),  # clamps: lime
-    9: (255, 255, 255),  # catheter: white
+    1: (255, 110, 0),  # tool clasper: orange
+    2: (0, 190, 220),  # tool wrist: cyan
+    3: (0, 90, 220),  # tool shaft: blue
+    4: (240, 0, 220),  # suturing needle: magenta
+    5: (0, 160, 60),  # thread: green
+    6: (0, 120, 120),  # suction tool: teal
+    7: (130, 30, 200),  # needle holder: violet
+    8: (140, 195, 0),  # clamps: lime
+    9: (20, 30, 120),  # catheter: navy
 }
 OVERLAY_ALPHA = 0.55
-LEGEND_ALPHA = 0.75  # the legend strip over the bottom of an overlay video
+LEGEND_ALPHA = 0.75  # the white of the legend over the bottom of an overlay video
 MAX_PICTURE_WIDTH = 1280  # wider sources are pictured at half resolution
-TITLE_HEIGHT = 28
+CAPTION_HEIGHT = 24  # a visualisation's first line: its video, frame and frame score
+TITLE_HEIGHT = CAPTION_HEIGHT + 28  # then the panels' titles
 LEGEND_ROW_HEIGHT = 26
 LEGEND_COLUMN_WIDTH = 170
+LEGEND_SCALES = tuple(k / 20 for k in range(20, 3, -1))  # 1 to 0.2: the overlay video's legend shrinks until it fits
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -61,17 +75,35 @@ def overlay(frame: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return picture
 
 
-def legend_rows(width: int) -> int:
-    columns = max(1, min(len(SCORED_CLASSES), width // LEGEND_COLUMN_WIDTH))
+def legend_rows(width: int, scale: float = 1.0) -> int:
+    columns = max(1, min(len(SCORED_CLASSES), int(width // (LEGEND_COLUMN_WIDTH * scale))))
     return -(-len(SCORED_CLASSES) // columns)
 
 
-def visualisation(frame: np.ndarray, prediction: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
-    """RGB picture: frame | prediction overlay | ground-truth overlay, titled above, class colour legend below.
+def legend_height(width: int, scale: float = 1.0) -> int:
+    return legend_rows(width, scale) * round(LEGEND_ROW_HEIGHT * scale)
+
+
+def frame_score(iou, nsd) -> tuple[float, float, float]:
+    """A frame's mIoU, mNSD and their geometric mean over classes 1..9 (a class absent from both scores 1)."""
+    miou, mnsd = float(sum(iou)) / len(iou), float(sum(nsd)) / len(nsd)
+    return miou, mnsd, math.sqrt(miou * mnsd)
+
+
+def put_fitted_text(canvas: np.ndarray, text: str, origin: tuple[int, int], width: int, scale: float) -> None:
+    """Black text at origin, shrunk below scale where it would be wider than width."""
+    scale = min(scale, scale * width / max(1, cv2.getTextSize(text, FONT, scale, 1)[0][0]))
+    cv2.putText(canvas, text, origin, FONT, scale, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def visualisation(frame: np.ndarray, prediction: np.ndarray, ground_truth: np.ndarray, name: str = "") -> np.ndarray:
+    """RGB picture: frame | prediction overlay | ground-truth overlay, under a caption (name, e.g. video_41/000000060,
+    and the frame's official score) and the panels' titles, above the class colour legend.
 
     Size: 3 x source width, TITLE_HEIGHT + source height + legend_rows(3 x width) x LEGEND_ROW_HEIGHT;
-    sources wider than MAX_PICTURE_WIDTH are pictured at half resolution.
+    sources wider than MAX_PICTURE_WIDTH are pictured at half resolution (and scored at full resolution).
     """
+    miou, mnsd, score = frame_score(*frame_scores(prediction, ground_truth))
     if frame.shape[1] > MAX_PICTURE_WIDTH:
         size = (frame.shape[1] // 2, frame.shape[0] // 2)
         frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
@@ -81,6 +113,8 @@ def visualisation(frame: np.ndarray, prediction: np.ndarray, ground_truth: np.nd
     height, width = frame.shape[:2]
     rows = legend_rows(3 * width)
     canvas = np.full((TITLE_HEIGHT + height + rows * LEGEND_ROW_HEIGHT, 3 * width, 3), 255, np.uint8)
+    caption = f"{name}: " * bool(name) + f"frame score {score:.3f} (mIoU {miou:.3f}, mNSD {mnsd:.3f})"
+    put_fitted_text(canvas, caption, (6, CAPTION_HEIGHT - 6), 3 * width - 12, 0.6)
     panels = (
         ("frame", frame),
         ("prediction", overlay(frame, prediction)),
@@ -88,46 +122,57 @@ def visualisation(frame: np.ndarray, prediction: np.ndarray, ground_truth: np.nd
     )
     for i, (title, panel) in enumerate(panels):
         canvas[TITLE_HEIGHT : TITLE_HEIGHT + height, i * width : (i + 1) * width] = panel
-        cv2.putText(canvas, title, (i * width + 6, TITLE_HEIGHT - 8), FONT, 0.7, (0, 0, 0), 1, cv2.LINE_AA)
+        put_fitted_text(canvas, title, (i * width + 6, TITLE_HEIGHT - 8), width - 12, 0.7)
     canvas[TITLE_HEIGHT + height :] = legend_strip(3 * width)
     return canvas
 
 
 @functools.lru_cache(maxsize=4)
-def legend_strip(width: int) -> np.ndarray:
-    """RGB strip, legend_rows(width) x LEGEND_ROW_HEIGHT high: a colour box and the name of every class."""
-    rows = legend_rows(width)
-    strip = np.full((rows * LEGEND_ROW_HEIGHT, width, 3), 255, np.uint8)
+def legend_strip(width: int, scale: float = 1.0) -> np.ndarray:
+    """RGB strip, legend_height(width, scale) high: a colour box (outlined in black) and the name of every class,
+    drawn at scale."""
+    rows, row_height = legend_rows(width, scale), round(LEGEND_ROW_HEIGHT * scale)
+    strip = np.full((rows * row_height, width, 3), 255, np.uint8)
     columns = -(-len(SCORED_CLASSES) // rows)
     column_width = width // columns
     for k, c in enumerate(SCORED_CLASSES):
-        x, y = (k % columns) * column_width + 6, (k // columns) * LEGEND_ROW_HEIGHT
-        cv2.rectangle(strip, (x, y + 5), (x + 16, y + 21), CLASS_COLOURS[c], -1)
-        cv2.rectangle(strip, (x, y + 5), (x + 16, y + 21), (0, 0, 0), 1)
-        cv2.putText(strip, dataset.CLASS_NAMES[c], (x + 22, y + 19), FONT, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+        x, y = (k % columns) * column_width + round(6 * scale), (k // columns) * row_height
+        top, side = y + round(5 * scale), round(16 * scale)
+        cv2.rectangle(strip, (x - 1, top - 1), (x + side, top + side), (0, 0, 0), 1)
+        cv2.rectangle(strip, (x, top), (x + side - 1, top + side - 1), CLASS_COLOURS[c], -1)
+        text_origin = (x + round(22 * scale), y + round(19 * scale))
+        cv2.putText(strip, dataset.CLASS_NAMES[c], text_origin, FONT, 0.55 * scale, (0, 0, 0), 1, cv2.LINE_AA)
     return strip
 
 
 def validation_pictures(samples, kept: dict) -> dict:
     """{video/frame: frame | prediction | ground truth} of validate's kept frames, for the tracker."""
+    names = {i: f"{samples[i].video}/{samples[i].image.stem}" for i in kept}
     return {
-        f"{samples[i].video}/{samples[i].image.stem}": visualisation(
-            dataset.read_image(samples[i].image), prediction, truth
-        )
+        names[i]: visualisation(dataset.read_image(samples[i].image), prediction, truth, names[i])
         for i, (prediction, truth) in kept.items()
     }
 
 
+@functools.lru_cache(maxsize=4)
+def video_legend(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The legend of a frame of this size, at the largest of LEGEND_SCALES where it takes at most a quarter of the
+    height (cut to the frame if it is too small even for the smallest), and the mask of its boxes and text."""
+    scale = next((s for s in LEGEND_SCALES if legend_height(width, s) <= height // 4), LEGEND_SCALES[-1])
+    legend = legend_strip(width, scale)[:height]
+    return legend, (legend.min(axis=2) < 255).view(np.uint8)
+
+
 def video_frame(job) -> np.ndarray:
     """A frame of the overlay video: the latest prediction over it (none before the first), the legend along the
-    bottom where it takes at most a quarter of the height."""
+    bottom, scaled to take at most a quarter of the height: its boxes and names opaque, its white see-through."""
     frame, labels = job
-    picture = frame if labels is None else overlay(frame, labels)
-    legend = legend_strip(picture.shape[1])
-    if len(legend) <= picture.shape[0] // 4:
-        bottom = picture[-len(legend) :]
-        picture = picture.copy() if picture is frame else picture
-        picture[-len(legend) :] = cv2.addWeighted(bottom, 1 - LEGEND_ALPHA, legend, LEGEND_ALPHA, 0)
+    picture = frame.copy() if labels is None else overlay(frame, labels)
+    legend, ink = video_legend(picture.shape[1], picture.shape[0])
+    bottom = picture[-len(legend) :]  # a view: writing it draws on the picture
+    blended = cv2.addWeighted(bottom, 1 - LEGEND_ALPHA, legend, LEGEND_ALPHA, 0)
+    cv2.copyTo(legend, ink, blended)
+    bottom[:] = blended
     return picture
 
 
@@ -170,15 +215,19 @@ def plot_training(loss, lr, train: list[dict]) -> None:
     steps = [r["step"] for r in train]
     loss.plot(steps, [r["loss"] for r in train], color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     loss.plot(steps, smoothed([r["loss"] for r in train]), color="tab:blue", linewidth=2, label="smoothed")
-    lr.plot(steps, [r["lr"] for r in train], color="tab:purple", marker="." if len(train) < 40 else None)
+    marker = "." if len(train) < 40 else None
+    lr.plot(steps, [r["lr"] for r in train], color="tab:purple", marker=marker, label=LR_LABEL)
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
 
 def plot_validation(scores, thin, val: list[dict], selection_metric: str) -> None:
     """The official scores and the thin classes' IoU of the validation records, the best by selection_metric marked."""
     steps = [r["step"] for r in val]
-    for name, colour in (("mIoU", "tab:green"), ("mNSD", "tab:orange"), ("score", "black")):
-        scores.plot(steps, [r["val"][name] for r in val], color=colour, marker="o", label=name)
+    for name, (colour, label) in SCORE_CURVES.items():
+        if name in OFFICIAL_CURVES or name == selection_metric:  # the best is marked on a drawn curve
+            values = [r["val"].get(name) for r in val]
+            values = [np.nan if value is None else value for value in values]
+            scores.plot(steps, values, color=colour, marker="o", label=label)
     floor = next((r["val"]["background_only"]["score"] for r in val if "background_only" in r["val"]), None)
     if floor is not None:  # a model below this line does worse than predicting nothing
         scores.axhline(floor, color="tab:red", linestyle=":", label=f"background everywhere {floor:.4f}")
@@ -210,12 +259,7 @@ def training_curves(records: list[dict], path: Path, selection_metric: str = "sc
     (loss, lr), (scores, thin) = figure.subplots(2, 2, sharex=True)
     plot_training(loss, lr, train)
     plot_validation(scores, thin, val, selection_metric)
-    titles = (
-        "training loss",
-        "learning rate",
-        "validation (official SAR-RARP50 metric)",
-        "thin classes, validation IoU",
-    )
+    titles = ("training loss", LR_TITLE, "validation (official SAR-RARP50 metric)", "thin classes, validation IoU")
     last_step = max([r["step"] for r in train + val] + [1])
     for axes, title in zip((loss, lr, scores, thin), titles):
         axes.set_title(title)
@@ -327,4 +371,34 @@ def video_scores(metrics: dict, path: Path) -> None:
         )
     axes.legend(loc="upper right", fontsize="small")
     axes.set_title("per video: mIoU and mNSD over the scored classes (dotted: predicting background everywhere)")
+    save_figure(figure, path)
+
+
+def run_comparison(result: dict, path: Path) -> None:
+    """compare.png: each video's score in every run, joined by a line per video; beside it each run's difference to
+    the reference with its interval, for the score, mIoU and mNSD."""
+    figure = Figure(figsize=SCORES_SIZE, layout="constrained")
+    paired, intervals = figure.subplots(1, 2, width_ratios=(3, 2))
+    runs = result["per_video_scores"]
+    x = np.arange(len(runs))
+    for video, scores in zip(result["videos"], np.array([run["scores"] for run in runs]).T):
+        paired.plot(x, scores, marker="o", color="tab:blue", alpha=0.5)
+        paired.annotate(video, (x[-1], scores[-1]), xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+    paired.set_xticks(x, [f"{i}: {Path(run['run']).name}" for i, run in enumerate(runs)], fontsize=8)
+    paired.set(ylabel="official score of the video", title="every video in every run (0: the reference)")
+    names = ("score", "mIoU", "mNSD")
+    for k, entry in enumerate(result["compared"]):
+        metrics = entry["metrics"]
+        centre = [metrics[n]["difference"] for n in names]
+        spread = np.abs(np.array([metrics[n]["interval"] for n in names]).T - centre)
+        y = np.arange(len(names)) + 0.2 * k
+        intervals.errorbar(centre, y, xerr=spread, fmt="o", capsize=4, label=f"{k + 1}: {Path(entry['run']).name}")
+        for value, height, name in zip(centre, y, names):
+            p = f"p {metrics[name]['p']:.2g}"
+            intervals.annotate(p, (value, height), xytext=(0, 6), textcoords="offset points", fontsize=7, ha="center")
+    intervals.axvline(0, color="grey", linestyle="--")
+    intervals.set_yticks(np.arange(len(names)), names)
+    confidence = round(100 * result["confidence"])
+    intervals.set(xlabel="run - reference", title=f"difference, {confidence}% paired bootstrap interval")
+    intervals.legend(fontsize=8)
     save_figure(figure, path)

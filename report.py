@@ -24,17 +24,20 @@ import dataset
 import files
 import outputs
 import plots
-from dataset import THIN_CLASSES
 from metrics import SCORED_CLASSES, evaluate_directories, frame_scores, ground_truth_masks, read_label_png, summarize
 from outputs import PROVENANCE_FILE, SCORE_FILES
 from plots import CLASS_COLOURS
 
 SEED_MIOU_NOTE = (
-    "the seed pipeline's own metric: per-frame IoU over the classes present in prediction or ground truth, "
+    "the baseline's (DinoV3 x SARRAP) own metric: per-frame IoU over the classes present in prediction or ground truth, "
     "mean over all frames of all videos; not the official score"
 )
 
 WORST_FRAMES = 4  # frames shown per class and per list
+ABSENT_FAILURES = (  # its lowest IoU and NSD frames are where it is predicted: its false positives
+    '<p class="none">in no ground-truth frame: it fails only where it is predicted, its frames are under '
+    "false positives of absent classes below</p>"
+)
 CLASSES = [dataset.CLASS_NAMES[c] for c in SCORED_CLASSES]
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; padding: 0 1em; }
@@ -52,12 +55,6 @@ figcaption { font-size: 0.85em; } .none { color: #777; font-style: italic; }
 
 
 # ----------------------------------------------------------------------------- per_frame.csv
-
-
-def frame_score(frame: dict) -> tuple[float, float, float]:
-    """The frame's mIoU, mNSD and their geometric mean, over classes 1..9 (a class absent from both scores 1)."""
-    miou, mnsd = sum(frame["IoU"]) / len(CLASSES), sum(frame["NSD"]) / len(CLASSES)
-    return miou, mnsd, math.sqrt(miou * mnsd)
 
 
 def per_frame_csv(frames: list[dict]) -> bytes:
@@ -85,7 +82,7 @@ def per_frame_csv(frames: list[dict]) -> bytes:
                 *map(repr, frame["IoU"]),
                 *map(repr, frame["NSD"]),
                 *frame["false_positives"],
-                *map(repr, frame_score(frame)),
+                *map(repr, plots.frame_score(frame["IoU"], frame["NSD"])),
                 int(frame["missing"]),
             ]
         )
@@ -146,21 +143,28 @@ def frame_list(cards: list[str], empty: str, name: str, kind: str) -> str:
     return f'<div class="frames" data-class="{html.escape(name)}" data-list="{kind}">{"".join(cards)}</div>'
 
 
-def failure_sections(frames: list[dict], directory: Path) -> str:
+def worst_lists(frames: list[dict], k: int, name: str, directory: Path) -> str:
+    """Class k+1's lowest-IoU and lowest-NSD frames; once, under one heading, where both are the same frames."""
+    lowest = {key: worst_frames(frames, k, key) for key in ("IoU", "NSD")}
+    same = {key: {(f["video"], f["frame"]) for f in chosen} for key, chosen in lowest.items()}
+    kinds = [("IoU and NSD", lowest["IoU"])] if same["IoU"] == same["NSD"] else list(lowest.items())
+    parts = []
+    for kind, chosen in kinds:
+        cards = [frame_card(f, f"IoU {f['IoU'][k]:.3f}, NSD {f['NSD'][k]:.3f}", directory) for f in chosen]
+        parts.append(
+            f"<h4>lowest {kind}</h4>"
+            + frame_list(cards, f"every frame scores {kind} 1 on {html.escape(name)}", name, kind)
+        )
+    return "".join(parts)
+
+
+def failure_sections(frames: list[dict], classes: dict, directory: Path) -> str:
+    """Every class's worst frames; a class in no ground-truth frame fails only by false positives, shown below."""
     parts = []
     for k, name in enumerate(CLASSES):
-        lists = []
-        for key in ("IoU", "NSD"):
-            cards = [
-                frame_card(f, f"IoU {f['IoU'][k]:.3f}, NSD {f['NSD'][k]:.3f}", directory)
-                for f in worst_frames(frames, k, key)
-            ]
-            lists.append(
-                f"<h4>lowest {key}</h4>" + frame_list(cards, f"every frame scores {key} 1 on {name}", name, key)
-            )
-        parts.append(
-            f"<h3>{swatch(name)}{html.escape(name)}{' (thin)' if name in THIN_CLASSES else ''}</h3>" + "".join(lists)
-        )
+        heading = f"<h3>{swatch(name)}{html.escape(plots.class_label(name, classes[name]))}</h3>"
+        absent = plots.absent_from_truth(classes[name])
+        parts.append(heading + (ABSENT_FAILURES if absent else worst_lists(frames, k, name, directory)))
     return "".join(parts)
 
 
@@ -191,7 +195,7 @@ def score_tables(metrics: dict) -> tuple[str, str, str]:
         ["official score = sqrt(mIoU x mNSD)", f"<b>{metrics['score']:.4f}</b>"],
         ["mIoU", f"{metrics['mIoU']:.4f}"],
         ["mNSD", f"{metrics['mNSD']:.4f}"],
-        ["seed mIoU (the seed pipeline's own metric, not the official score)", seed],
+        ["baseline mIoU (the DinoV3 x SARRAP baseline's own metric, not the official score)", seed],
         ["background everywhere would score", f"{metrics['background_only']['score']:.4f}"],
         ["frames / videos", f"{metrics['frames']} / {len(metrics['videos'])}"],
     ]
@@ -243,8 +247,9 @@ def report_html(metrics: dict, frames: list[dict], directory: Path) -> str:
 <h2>Confusion matrix</h2>{chart("confusion_matrix.png")}
 <h2>Where each class fails</h2>
 <p class="muted">For each class, the {WORST_FRAMES} frames with its lowest IoU and its lowest NSD (below 1; a frame without the
-class in prediction or ground truth scores 1). Each picture: frame | prediction | ground truth.</p>
-{failure_sections(frames, directory)}
+class in prediction or ground truth scores 1); one list where both are the same frames. Each picture: frame |
+prediction | ground truth.</p>
+{failure_sections(frames, metrics["classes"], directory)}
 <h2>False positives of absent classes</h2>
 <p class="muted">A class predicted in a frame whose ground truth has none of it scores IoU 0 and NSD 0 there, however
 few its pixels: these frames cost the most for the least error.</p>
@@ -345,7 +350,7 @@ def print_scores(result: dict, step: int) -> None:
     print(
         f"step {step}: mIoU {result['mIoU']:.4f}  mNSD {result['mNSD']:.4f}  score {result['score']:.4f}"
         + (f"  (background everywhere: {floor['score']:.4f})" if floor else "")
-        + f"   (seed mIoU {result['seed_mIoU']:.4f}: the seed pipeline's own metric, not the official score)"
+        + f"   (baseline mIoU {result['seed_mIoU']:.4f}: the baseline's own metric, not the official score)"
     )
     print(
         "  "
@@ -392,7 +397,7 @@ def print_report(metrics: dict, directory: Path, pictured: bool) -> None:
     )
     seed = "n/a (no frame has an instrument)" if metrics["seed_mIoU"] is None else f"{metrics['seed_mIoU']:.4f}"
     print(
-        f"seed mIoU {seed} (the design we start from's own metric, not the official score; "
+        f"baseline mIoU {seed} (the DinoV3 x SARRAP baseline's own metric, not the official score; "
         "its published 0.687 is this number)"
     )
     floor = metrics["background_only"]

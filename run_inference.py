@@ -12,7 +12,7 @@ Predictions go to MODEL/inference/video_XX/segmentation/<mask name>.png: 8-bit c
 the layout the official toolkit reads. Pictures (frame | prediction | ground truth) go to
 MODEL/inference/video_XX/visualisations/, the official score to metrics.json, per_class.csv, per_frame.csv and
 charts in the prediction folder, with report.html: where the model fails (worst frames per class, false
-positives). metrics.json and the printed table also give the seed pipeline's own mIoU (seed_mIoU), labelled as
+positives). metrics.json and the printed table also give the baseline's own mIoU (seed_mIoU), labelled as
 such: not the official score.
 """
 

@@ -484,7 +484,7 @@ def train(args) -> None:
                 state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
                 images_per_second = throughput.add(images)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_second:.1f}")
+                progress.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_second:.1f}", refresh=False)
                 last_step = state.step == training.total_steps
                 if state.step % args.log_every == 0 or last_step:
                     log_step(training, state, loss, images_per_second)

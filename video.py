@@ -14,13 +14,13 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import dataset
 import files
 import inference
 import outputs
 import plots
+import progress_bars
 from discovery import MASK_NAME
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
@@ -361,7 +361,7 @@ def write_overlay(
     predict_batch."""
     first, stop = frames
     total = min(stop, info.frames) - first if info.frames > 0 else None
-    with tqdm(total=total, desc=f"segmenting {source.name}", unit="frame") as progress:
+    with progress_bars.bar(total=total, desc=f"segmenting {source.name}", unit="frame") as progress:
         try:
             written = segment_video(
                 source,
@@ -396,7 +396,9 @@ def segment_image_folder(args, source: Path, out: outputs.OutputFolder) -> None:
     plans = {}  # by image size
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         decoded = zip(images, pool.map(dataset.read_image, images))
-        for path, frame in tqdm(decoded, total=len(images), desc=f"segmenting {source.name}", unit="image"):
+        for path, frame in progress_bars.bar(
+            decoded, total=len(images), desc=f"segmenting {source.name}", unit="image"
+        ):
             size = frame.shape[:2]
             if size not in plans:
                 plans[size] = inference.plan_passes(args, members, size, batch_size=1)

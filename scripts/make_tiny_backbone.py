@@ -3,9 +3,14 @@
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import progress_bars  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +43,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gated-mlp", action="store_true", help="SwiGLU MLP, as DINOv3 ViT-S+/H+/7B")
     args = parser.parse_args()
+    progress_bars.quiet_library_bars()
     save_tiny_backbone(args.output, args.hidden_size, args.layers, args.heads, args.seed, use_gated_mlp=args.gated_mlp)
     print(f"saved tiny DINOv3 backbone to {args.output}")
 

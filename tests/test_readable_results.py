@@ -97,3 +97,41 @@ def test_the_per_video_chart_draws_the_score_of_predicting_background_everywhere
     plots.video_scores({"videos": videos, "background_only": {"mIoU": 0.8, "mNSD": 0.9, "score": 0.85}}, tmp_path)
     labels = [line.get_label() for line in drawn[0].axes[0].get_lines()]
     assert labels == ["background everywhere (all videos) mIoU 0.800", "background everywhere (all videos) mNSD 0.900"]
+
+
+# ----------------------------------------------------------------------------- report.html without repeats (issue 27)
+
+
+def frame_lists(page: str) -> dict:
+    """{(class, list): [video/frame]} of report.html's frame rows."""
+    rows = re.findall(r'<div class="frames" data-class="([^"]+)" data-list="([^"]+)">(.*?)</div>', page)
+    return {(name, kind): re.findall(r'data-frame="([^"]+)"', cards) for name, kind, cards in rows}
+
+
+def test_the_report_shows_the_same_frames_once_and_an_absent_class_by_its_false_positives_only(tmp_path):
+    data, predictions = tmp_path / "data" / "test" / "video_01" / "segmentation", tmp_path / "pred"
+    data.mkdir(parents=True)
+    (predictions / "video_01" / "segmentation").mkdir(parents=True)
+    for k in range(3):
+        truth = np.zeros((64, 96), np.uint8)
+        truth[10:30, 10:40], truth[40:60, 10:40] = 1, 3  # tool clasper and tool shaft in every frame
+        prediction = truth.copy()
+        if k < 2:  # the clasper cut short by 15 px in frames 0 and 60: its lowest IoU and lowest NSD frames
+            prediction[10:30, 25:40] = 0
+        if k == 2:  # the shaft 3 px low in frame 120: a lower IoU, NSD still 1 (within the 10 px tolerance)
+            prediction[40:63, 10:40] = np.where(np.arange(40, 63)[:, None] >= 43, 3, 0)
+        if k == 0:  # catheter, in no ground truth, predicted once
+            prediction[2:8, 80:90] = 9
+        cv2.imwrite(str(data / f"{60 * k:09d}.png"), truth)
+        cv2.imwrite(str(predictions / "video_01" / "segmentation" / f"{60 * k:09d}.png"), prediction)
+    arguments = ["--data-directory", str(tmp_path / "data"), "--predictions-directory", str(predictions)]
+    assert run_inference.main(arguments) == 0
+    page = (predictions / "report.html").read_text()
+    lists = frame_lists(page)
+
+    assert lists[("tool clasper", "IoU and NSD")] == ["video_01/000000000", "video_01/000000060"]  # shown once
+    assert ("tool clasper", "IoU") not in lists and ("tool clasper", "NSD") not in lists
+    assert lists[("tool shaft", "IoU")] == ["video_01/000000120"] and "every frame scores NSD 1 on tool shaft" in page
+    assert not [kind for name, kind in lists if name == "catheter" and kind != "false positives"]
+    assert lists[("catheter", "false positives")] == ["video_01/000000000"]
+    assert f"<h3>{report.swatch('catheter')}catheter †</h3>{report.ABSENT_FAILURES}" in page

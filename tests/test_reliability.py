@@ -23,10 +23,10 @@ import discovery
 import files
 import hub
 import metrics
-import model as model_module
 import run_directory
 import run_inference
 import run_training
+import trained_model
 from conftest import ROOT, run_script
 from make_tiny_backbone import save_tiny_backbone
 from test_data import EXTRACT, UNPACK, sequential_frames, zip_folder
@@ -391,7 +391,7 @@ def test_a_full_disk_while_saving_is_one_line_and_the_run_resumes(release, backb
     monkeypatch.undo()
 
     monkeypatch.setattr(
-        model_module,
+        trained_model,
         "save_file",
         lambda *a: (_ for _ in ()).throw(SafetensorError("I/O error: No space left on device (os error 28)")),
     )  # what safetensors raises then

@@ -1,9 +1,6 @@
 """Training entry point: outputs, resume, many processes, token hygiene, clear errors."""
 
-import hashlib
-import io
 import json
-import math
 import signal
 import subprocess
 import sys
@@ -14,8 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 import losses
-import progress_bars
-import run_directory
 import run_training
 from conftest import ROOT, background_scores, run_script, training_folders
 
@@ -259,125 +254,3 @@ def test_a_run_that_cannot_start_writes_nothing(demo_release, backbone, tmp_path
     result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "1", *bad), check=False)
     assert result.returncode == 1 and result.stderr.startswith(message)
     assert not output.exists()
-
-
-# ----------------------------------------------------------------------------- going on: a larger budget, --init-from
-
-
-def test_a_finished_run_given_a_larger_max_steps_trains_on_to_the_weights_of_one_run_that_long(
-    demo_release, backbone, tmp_path
-):
-    settings = "--schedule constant --val-every 5 --checkpoint-every 5".split()
-    run_script(*training_args(demo_release, backbone, tmp_path / "straight", "--max-steps", "10", *settings))
-    extended = tmp_path / "extended"
-    run_script(*training_args(demo_release, backbone, extended, "--max-steps", "5", *settings))
-    result = run_script(*training_args(demo_release, backbone, extended, "--max-steps", "10", *settings, "--resume"))
-    assert "budget 5 -> 10 steps at step 5: the constant schedule now spans 10 steps" in result.stdout
-    straight = load_file(tmp_path / "straight" / "last" / "weights.safetensors")
-    resumed = load_file(extended / "last" / "weights.safetensors")
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
-    assert [r["step"] for r in records(extended) if "loss" in r] == list(range(1, 11))
-    config = json.loads((extended / "config.json").read_text())
-    assert config["arguments"]["max_steps"] == 10
-    assert config["budget_changes"] == [
-        {"step": 5, "from": {"max_steps": 5, "epochs": 1}, "to": {"max_steps": 10, "epochs": 1}}
-    ]
-
-    shorter = run_script(
-        *training_args(demo_release, backbone, extended, "--max-steps", "3", *settings, "--resume"), check=False
-    )
-    assert shorter.returncode == 1 and shorter.stderr.startswith("error: the run is at step 10, past the 3 steps")
-
-
-def test_a_cosine_schedule_extended_on_resume_is_recomputed_over_the_new_total_and_says_so(
-    demo_release, backbone, tmp_path
-):
-    output = tmp_path / "run"
-    run_script(*training_args(demo_release, backbone, output, "--max-steps", "4", "--lr", "1e-3", "--head-lr", "1e-3"))
-    result = run_script(
-        *training_args(
-            demo_release, backbone, output, "--max-steps", "8", "--lr", "1e-3", "--head-lr", "1e-3", "--resume"
-        )
-    )
-    # warm-up 1 step, then a cosine over the 7 others: step 5's rate is the 8-step curve's at 4 steps done
-    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 7))
-    assert (
-        f"the cosine schedule now spans 8 steps; the next step's learning rate is {expected:.3g} (it was 0)"
-        in result.stdout
-    )
-    rates = {r["step"]: r["lr"] for r in records(output) if "lr" in r}
-    assert rates[4] == 0 and math.isclose(rates[5], 1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 7)))
-
-
-def test_init_from_starts_a_new_run_from_the_weights_of_another_and_records_which(demo_release, backbone, tmp_path):
-    source = tmp_path / "source"
-    run_script(*training_args(demo_release, backbone, source, "--max-steps", "3", "--lr", "1e-3", "--head-lr", "1e-2"))
-    output = tmp_path / "fine-tuned"
-    result = run_script(
-        *training_args(
-            demo_release, backbone, output, *"--max-steps 1 --lr 0 --head-lr 0 --init-from".split(), source / "last"
-        )
-    )
-    assert f"initial weights: {source}/last/ (--init-from)" in result.stdout
-    trained, started = (
-        load_file(source / "last" / "weights.safetensors"),
-        load_file(output / "last" / "weights.safetensors"),
-    )
-    for name in trained:  # a learning rate of 0: the run ends with the weights it started from
-        torch.testing.assert_close(started[name], trained[name], rtol=0, atol=0)
-    config = json.loads((output / "config.json").read_text())
-    digest = hashlib.sha256((source / "last" / "weights.safetensors").read_bytes()).hexdigest()
-    assert config["init_from"] == {"directory": str(source.resolve()), "weights": "last", "sha256": digest}
-
-    other_head = run_script(
-        *training_args(demo_release, backbone, tmp_path / "other", "--head", "multilayer", "--init-from", source),
-        check=False,
-    )
-    assert other_head.returncode == 1 and other_head.stderr.startswith(f"error: --init-from {source}: ")
-    assert "does not match this model" in other_head.stderr and "Traceback" not in other_head.stderr
-    assert not (tmp_path / "other").exists()
-
-
-# ----------------------------------------------------------------------------- logs
-
-
-def test_a_run_whose_output_goes_to_files_writes_plain_progress_lines_and_ends_with_the_next_command(
-    demo_release, backbone, tmp_path
-):
-    output, log, errors = tmp_path / "run", tmp_path / "train.log", tmp_path / "train.err"
-    command = [sys.executable, *map(str, training_args(demo_release, backbone, output, "--max-steps", "4"))]
-    with open(log, "w") as stdout, open(errors, "w") as stderr:
-        subprocess.run(command, cwd=ROOT, stdout=stdout, stderr=stderr, check=True)
-    written = log.read_text() + errors.read_text()
-    assert "\r" not in written and "\x1b[" not in written  # no redraws, no cursor codes
-    assert "training: 100%" in errors.read_text()  # the bar's last line, once
-    assert log.read_text().splitlines()[-1] == (
-        f"next: python run_inference.py --model-directory {output} --data-directory {demo_release}"
-        "   (predict and score the test videos)"
-    )
-
-
-def test_a_bar_redraws_in_place_on_a_terminal_and_writes_plain_lines_to_a_file(monkeypatch):
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    terminal, file = Terminal(), io.StringIO()
-    monkeypatch.setattr(progress_bars, "PLAIN_EVERY", 0)  # a line at every update
-    for stream in (terminal, file):
-        for _ in progress_bars.bar(range(3), file=stream, desc="work"):
-            pass
-    assert "\r" in terminal.getvalue()
-    lines = file.getvalue().splitlines()
-    assert "\r" not in file.getvalue() and lines[0].startswith("work:   0%") and lines[-1].startswith("work: 100%")
-
-
-def test_a_tracked_run_ends_with_the_tensorboard_command_too():
-    args = run_training.parse_args(
-        ["--output-directory", "runs/a", "--data-directory", "my data", "--report-to", "tensorboard"]
-    )
-    assert run_directory.next_commands(args).splitlines() == [
-        "next: python run_inference.py --model-directory runs/a --data-directory 'my data'   (predict and score the test videos)",
-        "      tensorboard --logdir runs/a/tensorboard   (the curves and pictures, live)",
-    ]

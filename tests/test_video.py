@@ -8,9 +8,12 @@ import sys
 import time
 
 import cv2
+import imageio_ffmpeg
 import numpy as np
 import pytest
 
+import dataset
+import plots
 import run_inference
 from conftest import ROOT, decode_all, train_with_own_backbone
 
@@ -161,3 +164,33 @@ def test_a_killed_run_leaves_no_overlay_that_looks_finished(model, demo_release,
     assert list(out.glob(".staging-*/masks/*.png")), "the run never got going"
     assert not (out / "overlay.mp4").exists() and not (out / "predicted_with.json").exists()
     assert not list((out / "masks").glob("*.png"))  # no mask under its final name either
+
+
+# ----------------------------------------------------------------------------- the legend (issue 27)
+
+
+def test_an_overlay_of_a_384x216_video_has_its_legend(model, demo_release, tmp_path):
+    frames = [  # the demo's frames at 384x216, stored losslessly
+        cv2.cvtColor(cv2.resize(cv2.imread(str(path)), (384, 216)), cv2.COLOR_BGR2RGB)
+        for path in sorted((demo_release / "test" / "video_41" / "frames").glob("*.png"))
+    ]
+    source = tmp_path / "small.mkv"
+    writer = imageio_ffmpeg.write_frames(
+        str(source), (384, 216), fps=10, codec="ffv1", macro_block_size=1, pix_fmt_out="bgr0", ffmpeg_log_level="error"
+    )
+    writer.send(None)
+    for frame in frames:
+        writer.send(frame)
+    writer.close()
+    assert infer_video(model, source, tmp_path / "out", "--save-masks") == 0
+    overlay = [cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) for frame in decode_all(tmp_path / "out" / "overlay.mp4")]
+    assert len(overlay) == len(frames) and overlay[0].shape == (216, 384, 3)
+    bottom = slice(216 - 216 // 4, None)
+    for index, (frame, drawn) in enumerate(zip(frames, overlay)):
+        labels = cv2.imread(str(tmp_path / "out" / "masks" / f"{index:09d}.png"), cv2.IMREAD_UNCHANGED)
+        legend = drawn[bottom].astype(int)
+        assert np.abs(legend - plots.video_frame((frame, labels))[bottom]).mean() < 8  # H.264's loss only
+        assert np.abs(legend - plots.overlay(frame, labels)[bottom]).mean() > 40  # not the frame: the legend
+        for c, colour in plots.CLASS_COLOURS.items():  # every class's box, in its colour
+            near = np.abs(legend - colour).max(axis=2) < 30
+            assert near.sum() >= 20, (index, dataset.CLASS_NAMES[c])
