@@ -108,6 +108,18 @@ def split_by_video(
     return train, val
 
 
+def label_budget(videos: list[str], operations: int, seed: int) -> tuple[list[str], list[str]]:
+    """(the videos, the operations) of the first `operations` of the training operations in an order drawn with seed:
+    parts of an operation stay together, and for one seed a smaller budget's operations are among a larger one's."""
+    names = sorted({operation_name(v) for v in videos})
+    if operations > len(names):
+        raise DataError(
+            f"--train-videos {operations}: the training split has {len(names)} operations (the parts of one count once)"
+        )
+    drawn = random.Random(f"train-videos {seed}").sample(names, len(names))[:operations]
+    return [v for v in videos if operation_name(v) in drawn], drawn
+
+
 FOLD_DRAWS = 200  # seeded orders tried by fold_groups; the most even division wins
 
 

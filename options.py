@@ -82,6 +82,19 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     )
     data.add_argument("--fold", type=int, metavar="I", help="with --folds: the 0-based group to validate on")
     data.add_argument(
+        "--split-seed",
+        type=int,
+        metavar="S",
+        help="the seed of the validation split and of the folds, to keep them while --seed changes (default: --seed)",
+    )
+    data.add_argument(
+        "--train-videos",
+        type=int,
+        metavar="N",
+        help="label budget: train on N of the training operations (parts of one count once), drawn by --seed; "
+        "for one seed a smaller N's are among a larger N's; validation is unchanged (default: all)",
+    )
+    data.add_argument(
         "--augmentation",
         choices=dataset.AUGMENTATIONS,
         default="default",
@@ -338,7 +351,7 @@ def check_training_arguments(parser, args, sources=None) -> None:
     cli.check_ranges(
         parser,
         args,
-        at_least_one=(*at_least_one, "max_steps", "head_hidden"),
+        at_least_one=(*at_least_one, "max_steps", "head_hidden", "train_videos"),
         non_negative=(*non_negative, "seed", "dice_weight", "lr", "head_lr", "backbone_lr"),
         named=named,
     )

@@ -402,3 +402,33 @@ def run_comparison(result: dict, path: Path) -> None:
     intervals.set(xlabel="run - reference", title=f"difference, {confidence}% paired bootstrap interval")
     intervals.legend(fontsize=8)
     save_figure(figure, path)
+
+
+def label_efficiency(summaries: list[dict], path: Path) -> None:
+    """label_efficiency.png: the official score against the number of training operations (log axis), mean ± std
+    over seeds, a line per configuration (backbone, mode, head, loss, resolution)."""
+    figure = Figure(figsize=SCORES_SIZE, layout="constrained")
+    axes = figure.subplots()
+    curves = {}
+    for summary in summaries:
+        curves.setdefault(summary["curve"], []).append(summary)
+    for curve, points in curves.items():
+        points = sorted(points, key=lambda p: p["training_operations"])
+        x = [p["training_operations"] for p in points]
+        seeds = "/".join(sorted({str(p["seeds"]) for p in points}))
+        axes.errorbar(
+            x,
+            [p["score_mean"] for p in points],
+            yerr=[p["score_std"] for p in points],
+            marker="o",
+            capsize=4,
+            label=f"{curve} ({seeds} seeds a point)",
+        )
+    axes.set_xscale("log", base=2)
+    operations = sorted({s["training_operations"] for s in summaries})
+    axes.set_xticks(operations, [str(n) for n in operations])
+    axes.set(xlabel="training operations (log scale)", ylabel="official score on the validation videos (mean ± std)")
+    axes.set_title("label efficiency: score against the number of labelled training operations")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    save_figure(figure, path)

@@ -113,13 +113,26 @@ def prepare_data(args, rank: int, device) -> Data:
 
 
 def choose_split(args, frames_per_video: dict[str, int]) -> dict:
-    """split.json: the training and validation videos and, with --folds, the fold and every fold's group."""
+    """split.json: the training and validation videos; with --folds, the fold and every fold's group; with
+    --train-videos, the training operations drawn (validation is unchanged)."""
+    seed = args.seed if args.split_seed is None else args.split_seed
     if args.folds is None:
-        train, val = dataset.split_by_video(list(frames_per_video), args.val_fraction, args.seed, args.val_videos)
-        return {"train": train, "val": val}
-    groups = dataset.fold_groups(frames_per_video, args.folds, args.seed)
-    train = sorted(video for g, group in enumerate(groups) if g != args.fold for video in group)
-    return {"train": train, "val": groups[args.fold], "folds": args.folds, "fold": args.fold, "fold_groups": groups}
+        train, val = dataset.split_by_video(list(frames_per_video), args.val_fraction, seed, args.val_videos)
+        split = {"train": train, "val": val}
+    else:
+        groups = dataset.fold_groups(frames_per_video, args.folds, seed)
+        train = sorted(video for g, group in enumerate(groups) if g != args.fold for video in group)
+        split = {
+            "train": train,
+            "val": groups[args.fold],
+            "folds": args.folds,
+            "fold": args.fold,
+            "fold_groups": groups,
+        }
+    if args.train_videos:
+        split["train"], drawn = dataset.label_budget(split["train"], args.train_videos, args.seed)
+        split["label_budget"] = {"operations": args.train_videos, "drawn": drawn, "seed": args.seed}
+    return split
 
 
 def epoch_batches(training, state) -> tuple:

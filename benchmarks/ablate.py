@@ -1,16 +1,20 @@
 """Train and score a grid of configurations (backbone x backbone training x head x loss x resolution, LoRA rank for
-LoRA runs) with one seed and one budget.
+LoRA runs), each with one or more seeds and label budgets (training operations).
 
     python benchmarks/ablate.py --data-directory sarrarp --backbones vitl16 --backbone-trainings frozen,lora,full \
         --lora-ranks 8,16 --resolutions half,quarter --heads mlp --losses ce --max-steps 2000
+    python benchmarks/ablate.py --backbones vitb16 --heads mlp --losses ce --seeds 0,1,2 \
+        --train-video-counts 1,2,4,8,all      # a label-efficiency study: mean +- std over seeds per budget
     python benchmarks/ablate.py --demo      # demo data + a tiny random backbone: plumbing, a few CPU minutes
 
 Each configuration runs run_training.py, then run_inference.py --split val --checkpoint last (the weights at the
 fixed budget, not chosen on the data they are scored on), as subprocesses, as a user would: peak memory is then
 each configuration's own. Runs go to OUTPUT/<backbone>_<mode>_<head>_<loss>_<resolution>/ (mode: frozen, full or
-lora-r<rank>) with train.log and inference.log; a configuration already scored is reused, an interrupted one resumed.
---recipe FILE passes --config FILE, and arguments after -- are passed, to every run_training.py call.
-Writes OUTPUT/ablation.csv and OUTPUT/ablation.md.
+lora-r<rank>; then _n<N> for a budget of N training operations, _seed<S> with --seeds) with train.log and
+inference.log; a configuration already scored is reused, an interrupted one resumed. --recipe FILE passes --config
+FILE, and arguments after -- are passed, to every run_training.py call. Writes OUTPUT/ablation.csv and
+OUTPUT/ablation.md (with the mean +- std over seeds of each configuration), and with several budgets
+OUTPUT/label_efficiency.png.
 """
 
 import argparse
@@ -25,11 +29,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import plots  # noqa: E402
 import run_training  # noqa: E402
-from dataset import CLASS_NAMES, THIN_CLASSES  # noqa: E402
+from dataset import CLASS_NAMES, THIN_CLASSES, operation_name  # noqa: E402
 from files import write_json_atomically  # noqa: E402
 from hub import BACKBONES, DEFAULT_BACKBONE  # noqa: E402
 from model import BACKBONE_TRAINING  # noqa: E402
@@ -41,6 +47,23 @@ DEMO_TRAINING = ["--batch-size", "4", "--warmup-steps", "2", "--lr", "1e-3", "--
 
 def comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        return list(dict.fromkeys(int(part) for part in comma_list(text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+
+
+def budget_list(text: str) -> list[str]:
+    """Numbers of training operations, each at least 1, or all."""
+    budgets = list(dict.fromkeys(comma_list(text)))
+    if not budgets or not all(b == "all" or (b.isdigit() and int(b) >= 1) for b in budgets):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give numbers of training operations (at least 1) or all, e.g. 1,2,all"
+        )
+    return budgets
 
 
 def parse_args(argv=None):
@@ -73,7 +96,19 @@ def parse_args(argv=None):
     parser.add_argument(
         "--max-steps", type=int, help="training steps of every configuration (default: 2000; 30 with --demo)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the seed of every run without --seeds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seeds", type=seed_list, help="run every configuration once per seed, e.g. 0,1,2 (folders get _seed<S>)"
+    )
+    parser.add_argument(
+        "--train-video-counts",
+        type=budget_list,
+        default=["all"],
+        help="label budgets: train on N of the training operations (run_training.py --train-videos N), e.g. "
+        "1,2,4,8,all (default: all)",
+    )
     parser.add_argument(
         "--num-workers",
         type=int,
@@ -115,17 +150,23 @@ def mode_label(config: dict) -> str:
     return f"lora-r{config['lora_rank']}" if config["backbone_training"] == "lora" else config["backbone_training"]
 
 
-def configuration_name(config: dict) -> str:
-    """e.g. vitl16_lora-r8_mlp_ce_half."""
-    return "_".join(
-        [
-            config["backbone_label"],
-            mode_label(config),
-            config["head"],
-            config["loss"].replace("+", "-"),
-            config["resolution"],
-        ]
-    )
+def configuration_name(config: dict, with_seed: bool = True) -> str:
+    """e.g. vitl16_lora-r8_mlp_ce_half, then _n4 for a budget of 4 training operations and _seed1 for --seeds' 1;
+    with_seed=False: the name of the runs that only their seed tells apart."""
+    parts = [config["backbone_label"], mode_label(config), config["head"], config["loss"].replace("+", "-")]
+    parts += [config["resolution"], *([f"n{config['train_videos']}"] if config.get("train_videos") else [])]
+    seed = config.get("seed")
+    return "_".join(parts + ([f"seed{seed}"] if with_seed and seed is not None else []))
+
+
+def repeated(grid: list[dict], seeds: list[int] | None, budgets: list[str]) -> list[dict]:
+    """Every configuration of the grid once per label budget (None: all operations) and seed (None: --seed)."""
+    return [
+        {**config, "train_videos": None if budget == "all" else int(budget), "seed": seed}
+        for config in grid
+        for budget in budgets
+        for seed in seeds or [None]
+    ]
 
 
 def expand_grid(backbones, trainings, lora_ranks, heads, losses, resolutions) -> list[dict]:
@@ -210,7 +251,9 @@ def training_command(args, config: dict, run: Path) -> list:
         "--max-steps",
         args.max_steps,
         "--seed",
-        args.seed,
+        args.seed if config.get("seed") is None else config["seed"],
+        *(["--train-videos", config["train_videos"]] if config.get("train_videos") else []),
+        *(["--split-seed", args.seed] if config.get("seed") is not None else []),  # every seed, the same validation
         "--num-workers",
         args.num_workers,
         "--val-every",
@@ -316,10 +359,53 @@ def result_row(config: dict, run: Path, status: str) -> dict:
         trainable_parameters=training["parameters"]["trainable"],
     )
     row.update(background_only_score=scores["background_only"]["score"])
+    split = json.loads((run / "split.json").read_text())
+    row.update(training_operations=len({operation_name(video) for video in split["train"]}))
     for name, values in scores["classes"].items():
         row[f"{name} IoU"], row[f"{name} NSD"] = values["IoU"], values["NSD"]
         row[f"{name} ground_truth_frames"] = values["ground_truth_frames"]
     return row
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Each configuration's scored runs that only their seed tells apart: how many, their training operations, and
+    the mean and sample standard deviation of score, mIoU and mNSD; every row also gets its configuration's."""
+    groups = {}
+    for row in rows:
+        if row["status"] == "ok":
+            groups.setdefault(configuration_name(row, with_seed=False), []).append(row)
+    summaries = []
+    for name, runs in groups.items():
+        summary = {"configuration": name, "seeds": len(runs), "training_operations": runs[0]["training_operations"]}
+        summary["curve"] = configuration_name({**runs[0], "train_videos": None}, with_seed=False)  # every budget
+        summary.update(
+            {key: runs[0][key] for key in ("backbone_label", "backbone_training", "lora_rank", "train_videos")}
+        )
+        for metric in ("score", "mIoU", "mNSD"):
+            values = np.array([run[metric] for run in runs])
+            summary[f"{metric}_mean"] = float(values.mean())
+            summary[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        for run in runs:
+            run.update({f"{key}_over_seeds": summary[key] for key in ("score_mean", "score_std")}, seeds=len(runs))
+        summaries.append(summary)
+    return summaries
+
+
+def seed_lines(summaries: list[dict]) -> list[str]:
+    """ablation.md's table of each configuration over its seeds, when some configuration has more than one."""
+    if all(summary["seeds"] == 1 for summary in summaries):
+        return []
+    lines = [
+        "",
+        "Over seeds (mean ± sample std of the runs that differ only by their seed):",
+        "",
+        "| configuration | seeds | training operations | score | mIoU | mNSD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        spread = [f"{s[metric + '_mean']:.4f} ± {s[metric + '_std']:.4f}" for metric in ("score", "mIoU", "mNSD")]
+        lines.append(f"| {s['configuration']} | {s['seeds']} | {s['training_operations']} | {' | '.join(spread)} |")
+    return lines
 
 
 def baseline_lines(scored: list[dict]) -> list[str]:
@@ -331,7 +417,11 @@ def baseline_lines(scored: list[dict]) -> list[str]:
 
 
 def write_tables(rows: list[dict], args, output: Path) -> str:
-    """ablation.csv (every column) and ablation.md (summary table + per-class table); returns the markdown."""
+    """ablation.csv (every column) and ablation.md (summary table, over seeds, per-class table), and with several
+    label budgets label_efficiency.png; returns the markdown."""
+    summaries = over_seeds(rows)
+    if len({summary["train_videos"] for summary in summaries}) > 1:
+        plots.label_efficiency(summaries, output / "label_efficiency.png")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with open(output / "ablation.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -343,7 +433,8 @@ def write_tables(rows: list[dict], args, output: Path) -> str:
     if args.demo:
         lines += [DEMO_BANNER, ""]
     lines += [
-        f"data `{args.data_directory}`, {args.max_steps} steps, seed {args.seed}, recipe `{args.recipe or 'none'}`, "
+        f"data `{args.data_directory}`, {args.max_steps} steps, seeds {','.join(map(str, args.seeds or [args.seed]))}, "
+        f"training operations {','.join(args.train_video_counts)}, recipe `{args.recipe or 'none'}`, "
         f"extra training arguments `{' '.join(args.training_extra) or 'none'}`; "
         "scored with run_inference.py --split val --checkpoint last (official SAR-RARP50 metric).",
         "",
@@ -367,6 +458,7 @@ def write_tables(rows: list[dict], args, output: Path) -> str:
     absent = [name for name in CLASS_NAMES[1:] if scored and all(r[f"{name} ground_truth_frames"] == 0 for r in scored)]
     lines += [
         *baseline_lines(scored),
+        *seed_lines(summaries),
         "",
         "peak MB: "
         + (
@@ -410,6 +502,7 @@ def main(argv=None) -> int:
         grid = expand_grid(
             args.backbones, args.backbone_trainings, args.lora_ranks, args.heads, args.losses, args.resolutions
         )
+        grid = repeated(grid, args.seeds, args.train_video_counts)
     except ValueError as error:
         sys.exit(f"error: {error}")
     runs = {
