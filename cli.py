@@ -68,10 +68,12 @@ def read_settings(parser: argparse.ArgumentParser, path: str) -> dict:
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, str | int | float | bool) for v in values):
             parser.error(f"--config {path}: {key} must be a value or a list of values, got {value!r}")
-        if defaults[name] is False and not isinstance(value, bool):
+        if isinstance(defaults[name], bool) and not isinstance(value, bool):
             parser.error(f"--config {path}: {key} is a switch: write true or false, not {value!r}")
         checked[name] = value
-    check_values(parser, path, checked, switches={name for name, default in defaults.items() if default is False})
+    check_values(
+        parser, path, checked, switches={name for name, default in defaults.items() if isinstance(default, bool)}
+    )
     return checked
 
 
@@ -120,7 +122,7 @@ def parse_with_settings(parser, argv: list[str], groups=()) -> tuple[argparse.Na
     overridden = given | {name for group in groups if given & set(group) for name in group}
     settings = {n: v for n, v in read_settings(parser, config_file).items() if n not in overridden}
     sources.update(dict.fromkeys(settings, f"--config {config_file}"))
-    switches = {name for name, default in vars(parser.parse_args([])).items() if default is False}
+    switches = {name for name, default in vars(parser.parse_args([])).items() if isinstance(default, bool)}
     return parser.parse_args(settings_as_flags(settings, switches) + argv), sources
 
 
@@ -179,9 +181,19 @@ def resource_error(error: BaseException) -> str:
     raise error
 
 
-def precision_for(requested: str | None, device: torch.device) -> str:
-    """--precision, else bf16 on a GPU that has it, else fp32."""
-    return requested or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+def precision_for(requested: str | None, device: torch.device, trained: str | None = None) -> str:
+    """--precision; else fp32 on the CPU or for a model trained in fp32 (trained: inference's record of it); else the
+    GPU's fast half precision: bf16 from Ampere (compute capability 8.0) on, fp16 before, where bf16 runs on slow
+    paths (is_bf16_supported() says yes there too: it counts emulation) and fused attention takes no bf16."""
+    if requested or device.type != "cuda" or trained == "fp32":
+        return requested or "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matrix products on Ampere or newer GPUs (several times faster; no effect elsewhere); convolutions
+    already use it by torch's default."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
 
 
 def autocast_for(precision: str, device: torch.device):

@@ -11,13 +11,13 @@ def setup() -> tuple[int, int, torch.device]:
     """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    if backend == "nccl":
+    if torch.cuda.is_available():  # the device first, and bound to the process group: NCCL then sets up for it alone
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
+        dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -206,8 +206,15 @@ def on_device(args, members, source_size):
                 f"note: frames are {source_size[1]}x{source_size[0]}, {directory} was trained on {trained[1]}x"
                 f"{trained[0]}; predicting at the same scale ({config['resolution']['name']} resolution)"
             )
-    precision = cli.precision_for(args.precision, device)
+    precision = cli.precision_for(args.precision, device, trained_precision(members))
+    cli.use_tf32(all(config.get("tf32", True) for _, config in members))
     return device, precision, cli.autocast_for(precision, device)
+
+
+def trained_precision(members) -> str | None:
+    """The precision the members were trained in, from their config.json: fp32 if any was (None: not recorded)."""
+    recorded = {config.get("precision") for _, config in members}
+    return "fp32" if "fp32" in recorded else next(iter(recorded))
 
 
 @dataclass

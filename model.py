@@ -223,12 +223,9 @@ class SegmentationModel(nn.Module):
         with self.backbone_context(pixels.device.type):
             pixels = pixels.to(self.backbone_dtype)
             if head_type == "multilayer":
-                hidden_states = self.backbone(
-                    pixel_values=pixels, output_hidden_states=True
-                ).hidden_states  # [0]: embeddings
-                features = [
-                    self.vit().norm(hidden_states[i])[:, skip:].float() for i in self.head_config["feature_layers"]
-                ]
+                layers = self.head_config["feature_layers"]  # transformers keeps these alone, None for the others
+                hidden_states = self.backbone(pixel_values=pixels, output_hidden_states=layers).hidden_states
+                features = [self.vit().norm(hidden_states[i])[:, skip:].float() for i in layers]  # [0]: embeddings
             else:
                 features = self.backbone(pixel_values=pixels).last_hidden_state[:, skip:].float()
         if head_type == "patch-mlp":

@@ -264,7 +264,15 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     optimisation.add_argument(
         "--precision",
         choices=list(cli.PRECISIONS),
-        help="autocast precision (default: bf16 on a GPU with it, else fp32)",
+        help="autocast precision (default: bf16 on an Ampere or newer GPU, fp16 with loss scaling on an older "
+        "one, fp32 on the CPU)",
+    )
+    optimisation.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TF32 for fp32 matrix products on Ampere or newer GPUs, several times faster than full fp32; recorded "
+        "in config.json (default: on; --no-tf32 for full fp32)",
     )
     optimisation.add_argument(
         "--gradient-checkpointing",
@@ -493,7 +501,8 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         choices=list(cli.PRECISIONS),
-        help="autocast precision (default: bf16 on a GPU with it, else fp32)",
+        help="autocast precision (default: the one the model was trained in, as config.json records it: fp32 stays "
+        "fp32; a half precision is bf16 on an Ampere or newer GPU, fp16 on an older one; fp32 on the CPU)",
     )
     any_input = parser.add_argument_group("any video or folder of images (--input; no ground truth, no release layout)")
     any_input.add_argument(

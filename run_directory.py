@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 import dataset
 import distributed
 import files
+import options
 import outputs
 import plots
 import tracking
@@ -274,6 +275,7 @@ def run_record(args, model, train_data, precision, world, device, fingerprints) 
             "total_mb": total_bytes / 2**20,
         },
         "precision": precision,
+        "tf32": args.tf32,
         "world_size": world,
         "device": device.type,
         "fingerprints": fingerprints,
@@ -304,11 +306,14 @@ def data_fingerprint(samples, pixel_counts) -> str:
 
 def changed_settings(saved: dict, args, world: int) -> list[str]:
     """'--flag old -> new' of every setting of args that differs from a run's config.json, but those a resumed run may
-    change, and the number of processes."""
+    change, and the number of processes. A setting that a run of an earlier version does not record was at what is
+    now its default."""
+    defaults = vars(options.training_parser().parse_args([]))
+    recorded = {**defaults, **saved["arguments"]}
     changed = [
-        f"--{k.replace('_', '-')} {saved['arguments'].get(k)} -> {v}"
+        f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}"
         for k, v in vars(args).items()
-        if k not in CHANGEABLE_ON_RESUME and saved["arguments"].get(k) != v
+        if k not in CHANGEABLE_ON_RESUME and recorded.get(k) != v
     ]
     return changed + ([f"{saved['world_size']} -> {world} processes"] if saved["world_size"] != world else [])
 

@@ -324,6 +324,7 @@ def setup(args, log) -> tuple[Training, LoopState]:
         initial_weights = trained_model.load_initial_weights(model, args.init_from)
         log(f"initial weights: {initial_weights['directory']}/{initial_weights['weights']}/ (--init-from)")
     precision = cli.precision_for(args.precision, device)
+    cli.use_tf32(args.tf32)
     run.hold(data.records)
 
     training = make_training(args, run, data, model, precision)
@@ -358,7 +359,12 @@ def make_training(args, run, data: Data, model, precision: str) -> Training:
     autocast = cli.autocast_for(precision, run.device)
     generator = torch.Generator().manual_seed(args.seed)
     val_indices = list(range(len(data.val)))[run.rank :: run.world]  # no padding: every frame scored exactly once
-    loading = dict(batch_size=args.batch_size, num_workers=args.num_workers, generator=generator)
+    loading = dict(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        generator=generator,
+        pin_memory=run.device.type == "cuda",
+    )
     val_loader = DataLoader(data.val, sampler=val_indices, **loading)
     optimisation = (loss, optimizer, scheduler, scaler, autocast)
     return Training(args, run, data, model, *optimisation, val_loader, steps_per_epoch, total_steps)

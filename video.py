@@ -287,7 +287,7 @@ def frame_predictor(args, plan: inference.Plan, source_size):
             labels = []
             for probabilities in inference.mean_probabilities(passes, inputs, source_size, autocast):
                 smoothed = (
-                    probabilities
+                    probabilities.clone()  # its own memory: a view would keep the whole batch alive
                     if smoothed is None
                     else smoothed.mul_(args.temporal_smoothing).add_(probabilities, alpha=1 - args.temporal_smoothing)
                 )

@@ -69,6 +69,24 @@ def test_multilayer_logits_have_the_source_size_for_non_square_padded_inputs(bac
         assert model(images, output_size=(120, 180), content_size=(60, 90)).shape == (2, NUM_CLASSES, 120, 180)
 
 
+@pytest.mark.parametrize("training", ["frozen", "lora"])
+def test_the_multilayer_head_keeps_only_the_hidden_states_it_reads_with_the_same_logits(backbone, training):
+    torch.manual_seed(0)
+    head = {"type": "multilayer", "feature_layers": [1, 3], "width": 64}
+    model = build_model(backbone, backbone_training=training, head=head).eval()
+    captured = []
+    model.vit().register_forward_hook(lambda module, inputs, output: captured.append(output.hidden_states))
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8).float()
+    with torch.no_grad():
+        logits = model.head_logits(images, (4, 6))
+        everything = model.backbone(pixel_values=images, output_hidden_states=True).hidden_states  # every layer's
+        features = [model.vit().norm(everything[i])[:, model.num_prefix_tokens :].float() for i in (1, 3)]
+        expected = model.head(features, (4, 6))
+    kept = [i for i, state in enumerate(captured[0]) if state is not None]
+    assert kept == [1, 3] and len(everything) == 4  # embeddings and layers 1-3 (layer 4 is dropped: unused)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layers", [[0], [5], [2, 2]])
 def test_a_bad_feature_layer_gives_a_clear_error(backbone, layers):
     with pytest.raises(HeadConfigError, match="give distinct 1-based layer indices from 1 to 4"):

@@ -1,0 +1,87 @@
+"""Right on the first GPU run: the precision each device gets by default, TF32, and inference in the precision the
+model was trained in. The CUDA queries are patched: these run on the CPU."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+import inference
+import run_training
+import video
+from conftest import training_folders
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")]
+)
+def test_a_gpu_before_ampere_gets_fp16_and_ampere_or_newer_bf16(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what it says on a T4 or V100 too
+    assert cli.precision_for(None, CUDA) == expected
+    assert cli.precision_for("fp32", CUDA) == "fp32"  # asked for, always
+    assert cli.precision_for(None, torch.device("cpu")) == "fp32"
+
+
+def test_inference_follows_the_precision_the_model_was_trained_in(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    member = lambda precision: (None, {"precision": precision})  # noqa: E731
+    assert cli.precision_for(None, CUDA, inference.trained_precision([member("fp32")])) == "fp32"
+    assert cli.precision_for(None, CUDA, inference.trained_precision([member("bf16")])) == "bf16"
+    assert inference.trained_precision([member("bf16"), member("fp32")]) == "fp32"  # an ensemble: the most precise
+    assert inference.trained_precision([(None, {})]) is None  # runs of earlier versions: the device's default
+    assert cli.precision_for("bf16", CUDA, "fp32") == "bf16"  # --precision overrides the record
+
+
+def test_tf32_is_on_by_default_off_with_the_flag_and_recorded(demo_release, backbone, tmp_path):
+    def train(output, *extra):
+        arguments = [*training_folders(demo_release, backbone, output), *"--max-steps 1 --num-workers 0".split()]
+        assert run_training.main([str(a) for a in [*arguments, "--resolution", "quarter", *extra]]) == 0
+        return json.loads((output / "config.json").read_text())
+
+    try:
+        assert train(tmp_path / "default")["tf32"] is True and torch.get_float32_matmul_precision() == "high"
+        assert train(tmp_path / "off", "--no-tf32")["tf32"] is False
+        assert torch.get_float32_matmul_precision() == "highest"
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("tf32: false\n")  # a switch that is on by default, in a settings file
+        assert train(tmp_path / "recipe", "--config", recipe)["tf32"] is False
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_a_run_of_an_earlier_version_without_a_tf32_record_resumes(demo_release, backbone, tmp_path, capsys):
+    output = tmp_path / "run"
+    arguments = [*training_folders(demo_release, backbone, output), *"--max-steps 2 --num-workers 0".split()]
+    arguments = [str(a) for a in [*arguments, "--resolution", "quarter"]]
+    assert run_training.main(arguments) == 0
+    config = json.loads((output / "config.json").read_text())
+    del config["arguments"]["tf32"]  # as written before the setting existed
+    (output / "config.json").write_text(json.dumps(config))
+    assert run_training.main([*arguments, "--resume"]) == 0, capsys.readouterr().err  # not "--tf32 None -> True"
+    assert "holds a finished run (step 2); nothing to do" in capsys.readouterr().out
+    torch.set_float32_matmul_precision("highest")
+
+
+def test_temporal_smoothing_keeps_its_own_state_not_a_view_of_the_batch(monkeypatch):
+    batches = [torch.rand(2, 10, 4, 6).softmax(1) for _ in range(2)]
+    monkeypatch.setattr(inference, "mean_probabilities", lambda *args: batches.pop(0))
+    args = argparse.Namespace(temporal_smoothing=0.5, min_component_size=0)
+    plan = inference.Plan(torch.device("cpu"), "fp32", cli.autocast_for("fp32", torch.device("cpu")), [(4, 6)], [])
+    predict_batch = video.frame_predictor(args, plan, (4, 6))
+    first = batches[0]
+    original = first.clone()
+    expected = [first[0].argmax(0), (0.5 * first[0] + 0.5 * first[1]).argmax(0)]
+    labels = predict_batch([[np.zeros((4, 6, 3), np.uint8)]] * 2)
+    for frame_labels, frame_expected in zip(labels, expected):
+        np.testing.assert_array_equal(frame_labels, frame_expected.numpy())
+    state = next(
+        cell.cell_contents for cell in predict_batch.__closure__ if isinstance(cell.cell_contents, torch.Tensor)
+    )
+    assert state.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()  # the batch can be freed
+    assert torch.equal(first, original)  # and was not changed in place
