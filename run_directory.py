@@ -212,11 +212,19 @@ def next_commands(args) -> str:
 # ----------------------------------------------------------------------------- what the metrics log measures
 
 
-def peak_memory_mb(device) -> float:
-    """Peak memory of tensors on the GPU (torch.cuda.max_memory_allocated), else this process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def peak_memory(device) -> dict[str, float]:
+    """The peak memory since the previous call, in MB, the GPU's counters then reset so that each record gives its
+    own phase's: the tensors' (max_memory_allocated: peak_memory_mb) and the caching allocator's, which is what the
+    device must hold (max_memory_reserved: peak_reserved_mb). On the CPU, the process's peak resident set so far (it
+    cannot be reset)."""
+    if device.type != "cuda":
+        return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    peak = {
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+        "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+    }
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 class Throughput:

@@ -437,7 +437,9 @@ def validate_and_select(training: Training, state: LoopState) -> None:
     """Validate; keep the best weights by --selection-metric; count validations without improvement and stop early
     after --early-stop-patience of them (the same decision on every rank)."""
     args, step = training.args, state.step
+    run_directory.peak_memory(training.device)  # from here, validation's own peak
     result, kept = validate(training.model, training.val_loader, training.autocast, training.world, training.pictured)
+    result["memory"] = run_directory.peak_memory(training.device)
     result["background_only"] = report.background_only_of(tuple((s.video, s.mask) for s in training.data.val.samples))
     improved = result[args.selection_metric] > state.best_score
     if improved:
@@ -476,8 +478,8 @@ def save_checkpoint(training: Training, state: LoopState) -> None:
 def log_step(training: Training, state: LoopState, loss: float, images_per_second: float) -> None:
     """A training record: to metrics.jsonl and the tracker."""
     record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": training.scheduler.get_last_lr()[0]}
-    memory = run_directory.peak_memory_mb(training.device)
-    training.run.log({**record, "images_per_second": images_per_second, "peak_memory_mb": memory})
+    memory = run_directory.peak_memory(training.device)  # of training since the previous record
+    training.run.log({**record, "images_per_second": images_per_second, **memory})
 
 
 def train(args) -> None:

@@ -44,8 +44,9 @@ def scalars(record: dict) -> dict[str, float]:
             values.update({f"val/{key}/{name}": scores[key] for key in ("IoU", "NSD", *COUNTS)})
         for name, scores in val["videos"].items():
             values.update({f"val/{name}/{metric}": scores[metric] for metric in ("mIoU", "mNSD")})
+        values.update({f"val/{key}": value for key, value in val.get("memory", {}).items()})
         return values
-    keys = ("loss", "lr", "images_per_second", "peak_memory_mb", "epoch")
+    keys = ("loss", "lr", "images_per_second", "peak_memory_mb", "peak_reserved_mb", "epoch")
     return {f"train/{key}": record[key] for key in keys if key in record}
 
 

@@ -408,10 +408,13 @@ def measure(names, variants, batch_size, steps, device, probes, summaries, grid=
     print(measured_header(cuda), flush=True)
     results = []
     for name, variant, (attention, precision) in itertools.product(names, variants, settings):
+        out_of_memory = False
         try:
             results.append(bench(name, variant, batch_size, steps, device, attention, precision))
             print(measured_row(results[-1], probes, summaries, cuda), flush=True)
         except torch.OutOfMemoryError:
+            out_of_memory = True  # freed below: inside the except block the failed frame still holds its tensors
+        if out_of_memory:
             release(device)
             print(f"{MODELS[name][0]:10} {variant.label()}  {attention:5} {precision:4} out of memory", flush=True)
     return results

@@ -10,7 +10,9 @@ import torch
 
 import cli
 import inference
+import run_directory
 import run_training
+import tracking
 import video
 from conftest import training_folders
 
@@ -85,3 +87,25 @@ def test_temporal_smoothing_keeps_its_own_state_not_a_view_of_the_batch(monkeypa
     )
     assert state.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()  # the batch can be freed
     assert torch.equal(first, original)  # and was not changed in place
+
+
+def test_each_record_gives_its_own_phases_peak_memory_allocated_and_reserved(monkeypatch):
+    peaks = {"allocated": 3 * 2**20, "reserved": 5 * 2**20}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: peaks["reserved"])
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device=None: peaks.update(allocated=0, reserved=0)
+    )
+    assert run_directory.peak_memory(CUDA) == {"peak_memory_mb": 3.0, "peak_reserved_mb": 5.0}
+    assert run_directory.peak_memory(CUDA) == {"peak_memory_mb": 0.0, "peak_reserved_mb": 0.0}  # reset: the next phase
+    assert run_directory.peak_memory(torch.device("cpu"))["peak_memory_mb"] > 0
+
+
+def test_a_validation_records_its_own_peak_memory(demo_release, backbone, tmp_path):
+    output = tmp_path / "run"
+    arguments = [*training_folders(demo_release, backbone, output), *"--max-steps 2 --num-workers 0".split()]
+    assert run_training.main([str(a) for a in [*arguments, "--resolution", "quarter"]]) == 0
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    validation = next(r for r in records if "val" in r)
+    assert validation["val"]["memory"]["peak_memory_mb"] > 0
+    assert tracking.scalars(validation)["val/peak_memory_mb"] == validation["val"]["memory"]["peak_memory_mb"]
