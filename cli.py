@@ -148,9 +148,13 @@ def one_line(error: BaseException) -> str:
     return message.split(": ", 1)[1] if message.startswith(("dataset.DataError", "DataError")) else message
 
 
-def exit_code(work, args, expected: tuple, again: str = "run it again") -> int:
+LOWER_FOR_MEMORY = "lower --batch-size, the resolution or the number of --tta-scales"
+
+
+def exit_code(work, args, expected: tuple, again: str = "run it again", lower: str = LOWER_FOR_MEMORY) -> int:
     """Run work(args): its exit code (0 for None), or one line on stderr and 1 for an expected error, a data loader
-    worker that died or memory that ran out, 130 for Ctrl-C: never a traceback, never a token. again: how to go on."""
+    worker that died or memory that ran out, 130 for Ctrl-C: never a traceback, never a token. again: how to go on;
+    lower: what to change when memory ran out."""
     progress_bars.quiet_library_bars()
     try:
         return work(args) or 0
@@ -160,19 +164,16 @@ def exit_code(work, args, expected: tuple, again: str = "run it again") -> int:
         print(f"error: interrupted, with nothing half-written under a final name: {again} to go on", file=sys.stderr)
         return 130
     except (RuntimeError, MemoryError) as error:
-        print(f"error: {resource_error(error)}, then {again}", file=sys.stderr)
+        print(f"error: {resource_error(error, lower)}, then {again}", file=sys.stderr)
     return 1
 
 
-def resource_error(error: BaseException) -> str:
+def resource_error(error: BaseException, lower: str = LOWER_FOR_MEMORY) -> str:
     """What ran out, for memory errors and a data loader worker killed (often by the out-of-memory killer); any other
     error is raised again."""
     gpu = isinstance(error, torch.OutOfMemoryError)
     if gpu or isinstance(error, MemoryError) or "can't allocate memory" in str(error):
-        return (
-            f"out of {'GPU' if gpu else 'main'} memory ({first_line(error, 80)}): lower --batch-size, the "
-            "resolution or the number of --tta-scales"
-        )
+        return f"out of {'GPU' if gpu else 'main'} memory ({first_line(error, 80)}): {lower}"
     if "DataLoader worker" in str(error):
         return (
             f"a data loader worker died ({first_line(error)}), often killed by the system when memory runs out: "

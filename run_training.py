@@ -544,7 +544,10 @@ EXPECTED_ERRORS = (
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return cli.exit_code(train, args, EXPECTED_ERRORS, again="continue with --resume")
+        lower = (
+            "add --gradient-checkpointing (the same gradients, far less memory), or lower --batch-size or --resolution"
+        )
+        return cli.exit_code(train, args, EXPECTED_ERRORS, again="continue with --resume", lower=lower)
     finally:
         distributed.close()
 

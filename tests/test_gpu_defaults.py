@@ -109,3 +109,27 @@ def test_a_validation_records_its_own_peak_memory(demo_release, backbone, tmp_pa
     validation = next(r for r in records if "val" in r)
     assert validation["val"]["memory"]["peak_memory_mb"] > 0
     assert tracking.scalars(validation)["val/peak_memory_mb"] == validation["val"]["memory"]["peak_memory_mb"]
+
+
+def test_a_training_run_out_of_gpu_memory_is_one_line_suggesting_checkpointing_and_resumes(
+    demo_release, backbone, tmp_path, monkeypatch, capsys
+):
+    output, real_step = tmp_path / "run", run_training.train_step
+    arguments = [*training_folders(demo_release, backbone, output), *"--max-steps 3 --num-workers 0".split()]
+    arguments = [str(a) for a in [*arguments, "--resolution", "quarter", "--checkpoint-every", "1"]]
+
+    def out_of_memory_at_step_2(training, batches, step):
+        if step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return real_step(training, batches, step)
+
+    monkeypatch.setattr(run_training, "train_step", out_of_memory_at_step_2)
+    assert run_training.main(arguments) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(
+        "error: out of GPU memory (CUDA out of memory. Tried to allocate 12.00 GiB): add --gradient"
+    )
+    assert error.endswith("then continue with --resume")
+    monkeypatch.setattr(run_training, "train_step", real_step)
+    assert run_training.main([*arguments, "--resume"]) == 0
+    assert "resuming at step 1 of 3" in capsys.readouterr().out
