@@ -4,6 +4,8 @@ videos, for the official score, mIoU, mNSD and each class's IoU. The runs are re
 
 import csv
 import itertools
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +52,28 @@ def read_scored_run(path) -> ScoredRun:
         raise ComparisonError(f"{folder / 'per_frame.csv'} is damaged ({error!r}): score the folder again") from None
     if not rows:
         raise ComparisonError(f"{folder / 'per_frame.csv'} has no frame")
-    return ScoredRun(str(path), folder, [(row["video"], row["frame"]) for row in rows], iou, nsd)
+    run = ScoredRun(str(path), folder, [(row["video"], row["frame"]) for row in rows], iou, nsd)
+    check_against_metrics(run)
+    return run
+
+
+def check_against_metrics(run: ScoredRun) -> None:
+    """Refuse a per_frame.csv whose frames do not average to the score in metrics.json beside it (edited, or left by
+    another scoring); a folder without metrics.json is taken as it is."""
+    try:
+        recorded = json.loads((run.folder / "metrics.json").read_text())["score"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ComparisonError(
+            f"{run.folder / 'metrics.json'} cannot be read ({error!r}): score the folder again"
+        ) from None
+    score = float(summary(*(means.mean(0) for means in per_video_means(run, video_index(run))))["score"])
+    if not math.isclose(score, recorded, abs_tol=1e-6):
+        raise ComparisonError(
+            f"{run.folder / 'per_frame.csv'} averages to a score of {score:.6f}, but metrics.json beside it says "
+            f"{recorded:.6f}: one of them was changed; score the folder again"
+        )
 
 
 def check_same_frames(runs: list[ScoredRun]) -> None:

@@ -127,3 +127,14 @@ def test_a_folder_without_scores_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "unscored").mkdir()
     assert compare_runs.main([str(tmp_path / "a"), str(tmp_path / "unscored"), "--output", str(tmp_path / "out")]) == 1
     assert "holds no per_frame.csv" in capsys.readouterr().err
+
+
+def test_a_per_frame_csv_that_does_not_average_to_its_metrics_json_is_refused(tmp_path, capsys):
+    run = scored([[0.5, 0.6], [0.4, 0.5]])
+    for name, score in (("a", 0.5), ("b", 0.9)):  # b's metrics.json says another score than its frames give
+        folder = write_scored_folder(tmp_path / name, run)
+        (folder / "metrics.json").write_text(json.dumps({"score": score}))
+    assert compare_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "averages to a score of 0.500000, but metrics.json beside it says 0.900000" in error
+    assert error.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import compare_runs
 import dataset
 import files
 import inference
@@ -453,3 +454,12 @@ def test_the_python_api_of_docs_inference_md_runs_in_a_fresh_interpreter(test_ru
     assert batch.shape == (2, *labels.shape) and batch.dtype == np.uint8
     written = json.loads((trained_model / "inference" / "metrics.json").read_text())["score"]
     assert json.loads((tmp_path / "score.json").read_text()) == pytest.approx(written, abs=1e-9)
+
+
+def test_compare_runs_reads_what_run_inference_wrote_and_finds_a_run_equal_to_itself(test_run, trained_model, tmp_path):
+    output = tmp_path / "comparison"
+    assert compare_runs.main([str(trained_model), str(trained_model / "inference"), "--output", str(output)]) == 0
+    compared = json.loads((output / "compare.json").read_text())["compared"][0]["metrics"]
+    written = json.loads((trained_model / "inference" / "metrics.json").read_text())
+    assert compared["score"]["run"] == pytest.approx(written["score"], abs=1e-9)  # per_frame.csv averages to it
+    assert compared["score"]["difference"] == 0 and compared["score"]["interval"] == [0, 0]
