@@ -4,6 +4,7 @@ peak is exact in tensor bytes but leaves out the allocator's slack and the kerne
 (on the CPU 0.4-0.8 of the resident peak, benchmarks/bench_memory_estimate.py), so a step estimated above the free
 memory cannot fit."""
 
+import math
 import weakref
 from unittest import mock
 
@@ -94,3 +95,48 @@ def check_fits(need: int, items: int, device: torch.device, what: str, lower: st
         f"{what} needs at least {gib(need)} of {kind} memory beyond the weights, {gib(free)} is free "
         f"(at least {gib(need // items)} a frame; {advice}): lower {lower}"
     )
+
+
+def training_step_bytes(loss_of, optimizer) -> int:
+    """Estimated bytes a training step adds to the weights: loss_of() makes its inputs and returns the loss, run with
+    its backward on fake tensors (torch.autograd.grad, so that no fake gradient lands on a real weight), plus the two
+    Adam moments per trainable weight that the first optimizer step allocates."""
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
+    return peak_bytes(lambda: torch.autograd.grad(loss_of(), trainable)) + moments
+
+
+def training_advice(need, args, device: torch.device) -> str:
+    """One line: a training step's estimated memory beside the free memory; when it exceeds it, the settings that
+    would fit. need(batch_size, resolution, checkpointing) -> bytes; args: the run's (batch_size, grad_accum_steps,
+    resolution, gradient_checkpointing, backbone_training)."""
+    kind, free = "GPU" if device.type == "cuda" else "main", free_bytes(device)
+    batch, resolution, checkpointing = args.batch_size, args.resolution, args.gradient_checkpointing
+    needed = need(batch, resolution, checkpointing)
+    line = f"memory: a training step needs an estimated {gib(needed)} of {kind} memory beyond the weights"
+    if free is None or needed <= free:
+        return line + (f", {gib(free)} is free" if free is not None else "")
+    fits = []
+    if not checkpointing and args.backbone_training != "frozen":
+        with_checkpointing = need(batch, resolution, True)
+        if with_checkpointing <= free:
+            fits.append(f"--gradient-checkpointing (~{gib(with_checkpointing)}, the same gradients)")
+    fitting = fitting_batch(needed, need(1, resolution, checkpointing), batch, free)
+    images = batch * args.grad_accum_steps  # a step's images, kept by accumulating smaller batches
+    smaller = max((b for b in range(1, fitting + 1) if images % b == 0), default=0)
+    if smaller:
+        fits.append(f"--batch-size {smaller} --grad-accum-steps {images // smaller} (the same {images} images a step)")
+    scales = ("full", "half", "quarter")
+    lower = next((r for r in scales[scales.index(resolution) + 1 :] if need(batch, r, checkpointing) <= free), None)
+    if lower:
+        fits.append(f"--resolution {lower}")
+    advice = "; would fit: " + ", or ".join(fits) if fits else "; none of checkpointing, batch size or resolution fits"
+    return f"{line}, more than the {gib(free)} free: it will likely run out{advice} (the estimate is a lower bound)"
+
+
+def fitting_batch(needed: int, needed_for_one: int, batch_size: int, free: int) -> int:
+    """The largest batch whose need, linear in the batch from needed_for_one to needed, fits in free (0: none)."""
+    if needed_for_one > free:
+        return 0
+    per_image = (needed - needed_for_one) / (batch_size - 1) if batch_size > 1 else needed_for_one
+    return 1 + math.floor((free - needed_for_one) / per_image) if per_image > 0 else batch_size

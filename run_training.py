@@ -24,6 +24,7 @@ import discovery
 import distributed
 import hub
 import losses
+import memory
 import options
 import outputs
 import plots
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return options.training_arguments(argv, description=__doc__)
 
 
+# Where a run counts a step's memory before its first step: a GPU's is all it has; a CPU's has swap and page cache
+STEP_MEMORY_DEVICES = ("cuda",)
 VALIDATION_PICTURES = 3  # validation frames pictured for the tracker at each validation, the same every time
 
 
@@ -338,6 +341,8 @@ def setup(args, log) -> tuple[Training, LoopState]:
     if not state.finished and run.open_tracker(args.report_to, state.step if checkpoint is not None else None):
         shown = training.val_loader.sampler  # this rank's validation indices
         training.pictured = set(shown[:: max(1, len(shown) // VALIDATION_PICTURES)][:VALIDATION_PICTURES])
+    if rank == 0 and not state.finished and device.type in STEP_MEMORY_DEVICES:
+        report_step_memory(training, log)
     devices = [device.index] if device.type == "cuda" else None
     training.wrapped = DistributedDataParallel(model, device_ids=devices) if world > 1 else model
     return training, state
@@ -373,6 +378,14 @@ def make_training(args, run, data: Data, model, precision: str) -> Training:
 # ----------------------------------------------------------------------------- one step
 
 
+def forward_loss(training: Training, model, images, masks, content_size=None) -> torch.Tensor:
+    """The loss of a batch, on logits upsampled to the source resolution (where the metric scores them)."""
+    data = training.data.train
+    with training.autocast():
+        logits = model(images, data.source_size, content_size or data.content_size).float()
+        return training.loss(logits, masks)
+
+
 def train_step(training: Training, batches, step: int) -> tuple[float, int]:
     """Optimizer step number step: forward and backward of --grad-accum-steps micro-batches (DDP syncs gradients on
     the last only), clipping, the update; returns the summed loss and the images all ranks saw."""
@@ -383,9 +396,8 @@ def train_step(training: Training, batches, step: int) -> tuple[float, int]:
         images = batch["image"].to(training.device, non_blocking=True)
         masks = batch["mask"].to(training.device, non_blocking=True).long()
         sync = micro == accumulation - 1 or training.world == 1
-        with training.wrapped.no_sync() if not sync else contextlib.nullcontext(), training.autocast():
-            logits = training.wrapped(images, training.data.train.source_size, training.data.train.content_size).float()
-            loss = training.loss(logits, masks) / accumulation
+        with training.wrapped.no_sync() if not sync else contextlib.nullcontext():
+            loss = forward_loss(training, training.wrapped, images, masks) / accumulation
             training.scaler.scale(loss).backward()  # a disabled scaler (bf16, fp32) passes the loss through
         loss_sum += loss.item()
         images_seen += len(images) * training.world
@@ -404,6 +416,30 @@ def train_step(training: Training, batches, step: int) -> tuple[float, int]:
     training.optimizer.zero_grad(set_to_none=True)
     training.scheduler.step()
     return loss_sum, images_seen
+
+
+def report_step_memory(training: Training, log) -> None:
+    """Before the first step: a step's memory, counted on fake tensors (memory.py), beside the free memory, with the
+    settings that would fit when it does not. It warns, never refuses: the count leaves the allocator's slack out."""
+    data, model, device = training.data.train, training.model, training.device
+
+    def need(batch_size: int, resolution: str, checkpointing: bool) -> int:
+        content, padded = dataset.training_size(data.source_size, dataset.RESOLUTION_SCALES[resolution])
+        images = lambda: torch.empty(batch_size, 3, *padded, dtype=torch.uint8, device=device)  # noqa: E731
+        masks = lambda: torch.empty(batch_size, *data.source_size, dtype=torch.long, device=device)  # noqa: E731
+        loss_of = lambda: forward_loss(training, model, images(), masks(), content)  # noqa: E731
+        if not checkpointing or model.vit().is_activation_checkpointing:
+            return memory.training_step_bytes(loss_of, training.optimizer)
+        model.vit().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            return memory.training_step_bytes(loss_of, training.optimizer)
+        finally:
+            model.vit().activation_checkpointing_disable()
+
+    try:
+        log(memory.training_advice(need, training.args, device))
+    except Exception as error:  # an estimate only: a step it cannot count still runs
+        log(f"memory: not estimated ({cli.first_line(error, 100)})")
 
 
 # ----------------------------------------------------------------------------- validation

@@ -10,7 +10,10 @@ frozen ones (frozen and LoRA: run_training.py --backbone-dtype bfloat16). Half r
 
 "Saved activations" are the bytes of the unique storages the autograd graph keeps for backward (packed through
 torch.autograd.graph.saved_tensors_hooks during the forward, parameters excluded; with checkpointing, the layer
-inputs that torch.utils.checkpoint holds for recomputation are added). They need no GPU to measure.
+inputs that torch.utils.checkpoint holds for recomputation are added). They need no GPU to measure. Dropout (LoRA's,
+0.1) is counted as CUDA saves it: CUDA's fused kernel keeps a 1-byte mask an element, the CPU's own kernel a 4-byte
+float noise tensor, so CPU measurements run torch.native_dropout, the fused kernel's CPU twin (--cpu-dropout: the
+CPU's own bytes).
 
 Extrapolation: the layers of a ViT are identical, so per-image saved bytes = other + depth x one layer's bytes, both
 measured by a forward of a 1-layer model of the same shape at the real resolution (batch 1, CPU; a 7B layer at full
@@ -25,6 +28,7 @@ default) checks the depth extrapolation. These GPU figures are NOT GPU measureme
 """
 
 import argparse
+import contextlib
 import copy
 import gc
 import itertools
@@ -35,6 +39,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
+from unittest import mock
 
 import torch
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
@@ -115,6 +120,21 @@ def working_layer(variant: Variant) -> Variant:
     """The probe whose per-layer bytes bound what one layer holds while it runs: the layer recomputed in backward
     (checkpointing), or the layer a frozen backbone runs under no_grad (bounded from above by what LoRA saves)."""
     return Variant("lora" if variant.mode == "frozen" else variant.mode, False, variant.dtype)
+
+
+@contextlib.contextmanager
+def dropout_as_on_cuda(enabled=True):
+    """F.dropout as CUDA runs it: its fused kernel (torch.native_dropout), which saves a 1-byte mask for backward where
+    the CPU's own kernel saves a float noise tensor (4 bytes an element in fp32)."""
+    dropout = torch.nn.functional.dropout
+
+    def fused(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and input.numel() and not inplace:
+            return torch.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    with mock.patch.object(torch.nn.functional, "dropout", fused) if enabled else contextlib.nullcontext():
+        yield
 
 
 def make_backbone(name, dtype="float32", depth=None, attention="sdpa", device="cpu") -> DINOv3ViTModel:
@@ -328,24 +348,26 @@ def probe(backbone, variant: Variant, resolution) -> Probe:
     return Probe(saved.total("layers"), saved.inputs, saved.total("other"))
 
 
-def probe_model(name, variants, resolutions) -> dict:
-    """{(probe variant, resolution): Probe} of every probe these variants need: 1-layer models, batch 1, CPU."""
+def probe_model(name, variants, resolutions, cuda_dropout=True) -> dict:
+    """{(probe variant, resolution): Probe} of every probe these variants need: 1-layer models, batch 1, CPU; dropout
+    saved as on CUDA unless not cuda_dropout."""
     needed = list(dict.fromkeys(p for v in variants for p in (probed_as(v), working_layer(v))))
     probes = {}
     for dtype in dict.fromkeys(p.dtype for p in needed):
         backbone = make_backbone(name, dtype, depth=1)
         for resolution, variant in itertools.product(resolutions, [p for p in needed if p.dtype == dtype]):
-            probes[variant, resolution] = probe(backbone, variant, resolution)
+            with dropout_as_on_cuda(cuda_dropout):
+                probes[variant, resolution] = probe(backbone, variant, resolution)
         del backbone
         release(torch.device("cpu"))
     return probes
 
 
-def probe_model_apart(name, variants, resolutions) -> dict:
+def probe_model_apart(name, variants, resolutions, cuda_dropout=True) -> dict:
     """probe_model in a process of its own, so that the memory a large model's probes leave behind goes back to the
     system before the next model (in one process, ViT-7B's full-resolution probes after the others ran out of 24 GB)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(probe_model, name, variants, resolutions).result()
+        return pool.submit(probe_model, name, variants, resolutions, cuda_dropout).result()
 
 
 def layer_bytes(probe: Probe, variant: Variant) -> int:
@@ -469,6 +491,7 @@ def print_extrapolation(names, variants, probes, summaries, resolutions):
     print("  by what LoRA saves for it) + full-res logits x batch (10 x 1080 x 1920 x 4 B x 3: logits, softmax, grad).")
     print("MB/img = saved activations per image = other + depth x one layer, both from forwards of 1-layer models at")
     print("  that resolution (batch 1, CPU); checkpointing keeps only each layer's input hidden states.")
+    print("Dropout (LoRA's 0.1) counted as CUDA saves it: a 1-byte mask an element (see --cpu-dropout).")
     print("Not included: CUDA context (~0.5 GB), cuBLAS/attention workspaces, allocator fragmentation.")
     print(
         f"bf16 autocast, sdpa, pixel-MLP head (hidden 2560), LoRA rank {LORA_RANK} on q/k/v/o; wts: backbone weights; "
@@ -520,6 +543,11 @@ def parse_args():
         help="also measure LoRA steps (fp32 weights) in eager/sdpa attention x fp32/bf16 precision",
     )
     parser.add_argument(
+        "--cpu-dropout",
+        action="store_true",
+        help="count dropout as the CPU's own kernel saves it (4-byte noise) instead of CUDA's 1-byte mask",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: ViT-S, half resolution, frozen, LoRA and full (checkpointing on), fp32 weights",
@@ -546,12 +574,13 @@ def main():
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
         f"torch {torch.__version__}; random weights; bf16 autocast, sdpa, pixel-MLP head, LoRA rank {LORA_RANK} q/k/v/o"
+        f"; dropout saved as {'the CPU kernel does (4-byte noise)' if args.cpu_dropout else 'on CUDA (1-byte mask)'}"
     )
     wall = time.perf_counter()
     probes = {}
     for name in names:
         started = time.perf_counter()
-        probes[name] = probe_model_apart(name, variants, resolutions)
+        probes[name] = probe_model_apart(name, variants, resolutions, not args.cpu_dropout)
         print(
             f"probed {MODELS[name][0]}: {len(probes[name])} forwards of a 1-layer model ({'+'.join(resolutions)} "
             f"resolution) in {time.perf_counter() - started:.0f} s",
@@ -564,12 +593,13 @@ def main():
         + "; probe MB: the same saved bytes extrapolated from the 1-layer probes"
         + ("; extrap. MB: the GPU memory extrapolated" if cuda else "")
     )
-    measure(args.measure, variants, args.batch_size, args.steps, device, probes, summaries)
-    if args.attention_grid:
-        lora = [v for v in variants if v.mode == "lora" and v.dtype == "float32"]
-        print_grid_summary(
-            measure(args.measure, lora, args.batch_size, args.steps, device, probes, summaries, grid=True), cuda
-        )
+    with dropout_as_on_cuda(not cuda and not args.cpu_dropout):  # a CUDA step runs CUDA's kernel anyway
+        measure(args.measure, variants, args.batch_size, args.steps, device, probes, summaries)
+        if args.attention_grid:
+            lora = [v for v in variants if v.mode == "lora" and v.dtype == "float32"]
+            print_grid_summary(
+                measure(args.measure, lora, args.batch_size, args.steps, device, probes, summaries, grid=True), cuda
+            )
     print_extrapolation(args.models, variants, probes, summaries, resolutions)
     for resolution in resolutions:
         print_fits(args.models, variants, probes, summaries, resolution)

@@ -3,18 +3,24 @@ model was trained in. The CUDA queries are patched: these run on the CPU."""
 
 import argparse
 import json
+import types
 
 import numpy as np
 import pytest
 import torch
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 import cli
 import inference
+import losses
+import memory
+import options
 import run_directory
 import run_training
 import tracking
 import video
-from conftest import training_folders
+from conftest import ROOT, training_folders
+from model import LoRA, SegmentationModel
 
 CUDA = torch.device("cuda", 0)
 
@@ -133,3 +139,97 @@ def test_a_training_run_out_of_gpu_memory_is_one_line_suggesting_checkpointing_a
     monkeypatch.setattr(run_training, "train_step", real_step)
     assert run_training.main([*arguments, "--resume"]) == 0
     assert "resuming at step 1 of 3" in capsys.readouterr().out
+
+
+def seed_recipe_training(*extra) -> types.SimpleNamespace:
+    """What run_training.report_step_memory reads of a run of recipes/seed.yaml: a ViT-L/16 of uninitialised weights
+    (allocated, never written: the count needs shapes only), LoRA r8 on every linear layer, the pixel MLP head."""
+    args = options.training_arguments(
+        ["--config", str(ROOT / "recipes/seed.yaml"), "--data-directory", "-", "--output-directory", "-", *extra]
+    )
+    config = DINOv3ViTConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, num_register_tokens=4
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        vit = DINOv3ViTModel(config)
+    lora = LoRA(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    model = SegmentationModel(
+        vit.to_empty(device="cpu"), (0.5,) * 3, (0.2,) * 3, args.backbone_training, lora,
+        run_training.head_settings(args), args.gradient_checkpointing,
+    ).train()  # fmt: skip
+    cpu = torch.device("cpu")
+    return types.SimpleNamespace(
+        args=args,
+        model=model,
+        device=cpu,
+        optimizer=run_training.make_optimizer(model, args),
+        autocast=cli.autocast_for(args.precision, cpu),
+        loss=losses.make_loss(args, torch.ones(10)),
+        data=types.SimpleNamespace(train=types.SimpleNamespace(source_size=(1080, 1920), content_size=(540, 960))),
+    )
+
+
+def test_the_seed_recipe_on_a_24_gb_device_is_told_before_its_first_step_to_add_checkpointing(monkeypatch):
+    training, lines = seed_recipe_training(), []
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 22 * memory.GIB)  # a 24 GB card, less the weights
+    run_training.report_step_memory(training, lines.append)
+    (line,) = lines
+    assert line.startswith("memory: a training step needs an estimated ")
+    needed = float(line.split("an estimated ")[1].split(" GiB")[0])
+    assert 25 < needed < 40  # about 30 GB of activations at batch 6, fp32
+    assert "more than the 22.0 GiB free: it will likely run out; would fit: --gradient-checkpointing (~" in line
+    with_checkpointing = float(line.split("--gradient-checkpointing (~")[1].split(" GiB")[0])
+    assert with_checkpointing < needed / 5
+    assert "--batch-size 3 --grad-accum-steps 2 (the same 6 images a step)" in line
+    assert not training.model.vit().is_activation_checkpointing  # the recipe's model is left as it was
+    assert all(p.grad is None for p in training.model.parameters())  # the count's gradients were fake, and dropped
+
+    lines.clear()
+    run_training.report_step_memory(seed_recipe_training("--gradient-checkpointing"), lines.append)
+    (line,) = lines  # the recipe with the advice taken: it fits, and the estimate was the advice's
+    assert line.startswith("memory: a training step needs an estimated ") and line.endswith(" 22.0 GiB is free")
+    assert float(line.split("an estimated ")[1].split(" GiB")[0]) == pytest.approx(with_checkpointing, rel=0.1)
+
+
+def test_the_advice_names_the_settings_that_fit_and_only_those():
+    gib = memory.GIB
+    scale = {"full": 4, "half": 1, "quarter": 0.25}
+
+    def need(batch_size, resolution, checkpointing):  # 1 GiB fixed, 2 GiB an image at half resolution, ckpt: 1/4
+        return int(gib + batch_size * 2 * gib * scale[resolution] * (0.25 if checkpointing else 1))
+
+    args = argparse.Namespace(
+        batch_size=8, grad_accum_steps=1, resolution="half", gradient_checkpointing=False, backbone_training="lora"
+    )
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patched:
+        patched.setattr(memory, "free_bytes", lambda device: 12 * gib)
+        line = memory.training_advice(need, args, CUDA)
+        assert line.startswith("memory: a training step needs an estimated 17.0 GiB of GPU memory beyond the weights")
+        assert "more than the 12.0 GiB free" in line
+        assert "--gradient-checkpointing (~5.0 GiB, the same gradients)" in line
+        assert "--batch-size 4 --grad-accum-steps 2 (the same 8 images a step)" in line  # 5 fits, 8 = 2 x 4
+        assert "--resolution quarter" in line
+        args.backbone_training = "frozen"  # nothing to checkpoint
+        assert "--gradient-checkpointing" not in memory.training_advice(need, args, CUDA)
+        patched.setattr(memory, "free_bytes", lambda device: gib // 2)
+        assert memory.training_advice(need, args, CUDA).endswith(
+            "none of checkpointing, batch size or resolution fits (the estimate is a lower bound)"
+        )
+
+
+def test_a_run_short_of_memory_is_warned_before_its_first_step_and_still_trains(
+    demo_release, backbone, tmp_path, monkeypatch, capsys
+):
+    output = tmp_path / "run"
+    arguments = [*training_folders(demo_release, backbone, output), *"--max-steps 1 --num-workers 0".split()]
+    arguments = [str(a) for a in [*arguments, "--resolution", "quarter", "--batch-size", "2"]]
+    monkeypatch.setattr(run_training, "STEP_MEMORY_DEVICES", ("cuda", "cpu"))  # as a GPU run does
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 2**20)
+    assert run_training.main(arguments) == 0  # a warning, not a refusal: the estimate leaves things out
+    printed = capsys.readouterr().out
+    warning = next(line for line in printed.splitlines() if line.startswith("memory: "))
+    assert "more than the 1 MiB free: it will likely run out" in warning
+    assert printed.index(warning) < printed.index("done: ")
+    assert (output / "best" / "config.json").exists() or (output / "config.json").exists()
