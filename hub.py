@@ -75,36 +75,33 @@ def offline() -> bool:
     return huggingface_hub.is_offline_mode() or env.strip().lower() in ("1", "on", "yes", "true")
 
 
-def unreachable(name: str) -> BackboneError:
-    return BackboneError(
-        f"cannot reach the Hugging Face hub to download {name}: "
-        "pass a local --backbone directory, or run with network access"
-    )
+def unreachable(name: str, instead: str = "pass a local --backbone directory") -> BackboneError:
+    return BackboneError(f"cannot reach the Hugging Face hub to download {name}: {instead}, or run with network access")
 
 
-def gated(name: str) -> BackboneError:
+def gated(name: str, instead: str = "pass a local --backbone directory") -> BackboneError:
     return BackboneError(
         f"{name} is gated and your token has not been granted access: accept its licence at "
-        f"https://huggingface.co/{name} with the account of your token (or pass a local --backbone directory)"
+        f"https://huggingface.co/{name} with the account of your token (or {instead})"
     )
 
 
-def probe(name: str, token: str | None) -> None:
+def probe(name: str, token: str | None, misspelt: str = "", instead: str = "pass a local --backbone directory") -> None:
     """Fail within seconds, with a clear message, where a plain hub download would retry for ~45 s. Tells apart a
-    refused token, a gated repository, a token without the right permission and a misspelt id."""
+    refused token, a gated repository, a token without the right permission and a misspelt id (misspelt: what
+    to check then; instead: what to do when the hub cannot be reached)."""
+    misspelt = misspelt or f"check the name (short names: {', '.join(BACKBONES)})"
     try:
         get_hf_file_metadata(hf_hub_url(name, "config.json"), token=token, timeout=PROBE_TIMEOUT_S)
     except GatedRepoError:
-        raise gated(name) from None
+        raise gated(name, instead) from None
     except RepositoryNotFoundError:  # the hub answers 401 for gated repositories without a token, 404 for unknown ids
         if token is None:
             raise BackboneError(
                 f"{name} needs a Hugging Face token (the DINOv3 repositories are gated), or does not exist: put your "
                 "token in hf_token.txt, set HF_TOKEN or pass --hf-token-file, and check the name"
             ) from None
-        raise BackboneError(
-            f"{name} is not on the Hugging Face hub: check the name (short names: {', '.join(BACKBONES)})"
-        ) from None
+        raise BackboneError(f"{name} is not on the Hugging Face hub: {misspelt}") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status == 401:
@@ -117,23 +114,37 @@ def probe(name: str, token: str | None) -> None:
                 f"your token may not read {name} (403): give it read access to public gated "
                 "repositories at https://huggingface.co/settings/tokens"
             ) from None
-        raise unreachable(name) from None
+        raise unreachable(name, instead) from None
     except Exception:  # DNS, connection refused, timeout, offline mode: all mean the hub cannot be used
-        raise unreachable(name) from None
+        raise unreachable(name, instead) from None
 
 
 def is_hub_id(name_or_path: str) -> bool:
     return not os.path.exists(name_or_path) and name_or_path.count("/") == 1 and not name_or_path.startswith((".", "~"))
 
 
-def cached_or_downloaded(name: str, token: str | None, fetch):
+def cached_or_downloaded(name: str, token: str | None, fetch, misspelt: str = "", instead: str = ""):
     """fetch(local_files_only=True) from the local cache; else, online, a probe that turns a refusal into one
     sentence, then fetch(local_files_only=False), whose errors the caller handles."""
+    instead = instead or "pass a local --backbone directory"
     try:
         return fetch(local_files_only=True)
     except OSError:
         pass  # not in the local cache
     if offline():
-        raise unreachable(name)
-    probe(name, token)
+        raise unreachable(name, instead)
+    probe(name, token, misspelt, instead)
     return fetch(local_files_only=False)
+
+
+def model_snapshot(name: str, token: str | None, checkpoint: str) -> str:
+    """The local folder of a trained model shared on the hub as USER/REPO (run_training.py's folder, uploaded): from
+    the local cache, else downloaded with its config.json, records and the checkpoint's weights only."""
+    fetch = lambda local_files_only: huggingface_hub.snapshot_download(  # noqa: E731
+        name,
+        token=token,
+        local_files_only=local_files_only,
+        allow_patterns=["*.json", "*.jsonl", "*.md", "*.png", f"{checkpoint}/*"],
+    )
+    misspelt = "it is not a folder here either; check the path or the id"
+    return cached_or_downloaded(name, token, fetch, misspelt, "it is not a folder here either; check the path")

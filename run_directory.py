@@ -193,8 +193,12 @@ class RunDirectory:
         return last_good_checkpoint(self.checkpoint_path)
 
     def close(self) -> None:
+        """The tracker closed and the folder's lock released: the run writes nothing more."""
         if self.tracker:
             self.tracker.close()
+        if self.lock:
+            self.lock.close()
+            self.lock = None
 
 
 def next_commands(args) -> str:

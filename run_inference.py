@@ -26,6 +26,7 @@ import dataset
 import discovery
 import hub
 import inference
+import model_card
 import options
 import outputs
 import report
@@ -83,12 +84,28 @@ def validation_videos(model_directory: Path) -> list[str]:
     return val_videos
 
 
+def download_shared_models(args) -> list[str]:
+    """--model-directory USER/REPO: a model shared on the hub, downloaded (or found in the local cache) and then used
+    as a local folder; returns those folders. Outputs that would go into MODEL/ go into ./USER--REPO/ instead, never
+    into the hub's cache."""
+    shared, token = [], None
+    args.output_home = Path(args.model_directory[0])
+    for index, name in enumerate(args.model_directory):
+        if hub.is_hub_id(name) and not args.predictions_directory:
+            token = token or hub.resolve_hf_token(args.hf_token_file)
+            args.model_directory[index] = hub.model_snapshot(name, token, args.checkpoint)
+            shared.append(args.model_directory[index])
+            args.output_home = Path(name.replace("/", "--")) if index == 0 else args.output_home
+    return shared
+
+
 def run(args) -> None:
+    shared = download_shared_models(args)
     if args.input:
         return video.segment_input(args)
     model_directories = [Path(directory) for directory in args.model_directory]
     ground_truth_directory, video_dirs = split_video_dirs(Path(args.data_directory), model_directories, args.split)
-    predictions_directory = Path(args.predictions_directory or args.output or model_directories[0] / "inference")
+    predictions_directory = Path(args.predictions_directory or args.output or args.output_home / "inference")
     predicting = not (args.eval_only or args.predictions_directory)
     if not predicting and not predictions_directory.is_dir():
         raise dataset.DataError(
@@ -103,7 +120,10 @@ def run(args) -> None:
         report.claim_scores(out, predicting)
         if predicting:
             inference.predict_videos(args, prepared, out)
-        report.score_predictions(args, ground_truth_directory, [v.name for v in video_dirs], out, predicting)
+        metrics = report.score_predictions(args, ground_truth_directory, [v.name for v in video_dirs], out, predicting)
+    recorded = model_card.after_scoring(metrics, shared)
+    if recorded:
+        print(recorded)
 
 
 EXPECTED_ERRORS = (

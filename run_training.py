@@ -25,6 +25,7 @@ import distributed
 import hub
 import losses
 import memory
+import model_card
 import options
 import outputs
 import plots
@@ -560,6 +561,8 @@ def train(args) -> None:
     training.run.close()
     best = f"best validation {args.selection_metric} {state.best_score:.4f} at step {state.best_step}"
     log(f"done: {best}; outputs in {training.run.path}/")
+    if rank == 0:
+        log(model_card.after_training(training.run.path, state.best_step))
     log(run_directory.next_commands(args))
 
 

@@ -424,7 +424,7 @@ def segment_input(args) -> None:
     source = Path(args.input)
     check_input(source)
     name = source.stem if source.is_file() else source.name
-    path = Path(args.output or Path(args.model_directory[0]) / "predictions" / name)
+    path = Path(args.output or Path(args.output_home) / "predictions" / name)
     check_writable(path)
     inputs = {"the --input": source, **inference.model_files(args.model_directory)}
     with outputs.OutputFolder(path, inputs) as out:

@@ -128,8 +128,9 @@ def test_two_processes_with_torchrun_train_together_and_only_rank_0_writes(demo_
     assert validation["frames"] == 3 * len(split["val"])  # every validation frame scored exactly once
     assert sorted(validation["videos"]) == sorted(split["val"])
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        "best last checkpoint.pt config.json split.json class_weights.json metrics.jsonl training_curves.png .lock".split()
-    )  # .lock: the run's hold on its folder
+        "best last checkpoint.pt config.json split.json class_weights.json metrics.jsonl training_curves.png .lock "
+        "README.md evaluations.json .written.json".split()
+    )  # .lock: the run's hold on its folder; README.md: the model card, evaluations.json its results
 
 
 def test_the_token_never_appears_in_output_or_in_any_file_written(demo_release, backbone, tmp_path):
