@@ -441,7 +441,8 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
         nargs="+",
         default=["trained-models"],
         metavar="MODEL",
-        help="output directory of run_training.py; several: an ensemble averaging their softmax at the "
+        help="output directory of run_training.py, or the hub id USER/REPO of one shared on the Hugging Face hub "
+        "(docs/sharing.md); several: an ensemble averaging their softmax at the "
         "source resolution (they may differ in head, resolution and backbone) (default: %(default)s)",
     )
     parser.add_argument(
