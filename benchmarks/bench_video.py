@@ -38,7 +38,7 @@ from model import build_model  # noqa: E402
 SIZE, FPS = (1080, 1920), 60
 
 
-def make_video(path: Path, seconds: int) -> None:
+def make_video(path: Path, seconds: float) -> None:
     """Textured tissue drifting, a tool moving across: an H.264 CRF 23 stream like a recording's."""
     rng = np.random.default_rng(0)
     texture = cv2.GaussianBlur(rng.integers(0, 255, (SIZE[0] + 200, SIZE[1] + 200, 3), dtype=np.uint8), (0, 0), 6)
@@ -54,7 +54,7 @@ def make_video(path: Path, seconds: int) -> None:
         output_params=["-preset", "veryfast", "-crf", "23"],
     )
     writer.send(None)
-    for i in range(seconds * FPS):
+    for i in range(round(seconds * FPS)):
         dy, dx = int(100 + 80 * np.sin(i / 90)), int(100 + 80 * np.cos(i / 70))
         frame = texture[dy : dy + SIZE[0], dx : dx + SIZE[1]].copy()
         x = 200 + (i * 7) % 1400
