@@ -27,6 +27,7 @@ import plots
 import progress_bars
 import report
 from metrics import SCORED_CLASSES
+from model import compile_blocks
 from trained_model import ModelDirectoryError, load_trained_model, read_model_config
 
 
@@ -165,7 +166,10 @@ def load_members(args) -> list[tuple[torch.nn.Module, dict]]:
                 f"{dataset.NUM_CLASSES} of SAR-RARP50: it cannot be scored or ensembled here"
             )
     token = hub.resolve_hf_token(args.hf_token_file)
-    return [load_trained_model(directory, args.checkpoint, args.backbone, token) for directory in args.model_directory]
+    members = [
+        load_trained_model(directory, args.checkpoint, args.backbone, token) for directory in args.model_directory
+    ]
+    return [(compile_blocks(model) if args.compile else model, config) for model, config in members]
 
 
 def inference_record(args, members, precision: str) -> dict:

@@ -60,7 +60,8 @@ def peak_bytes(step) -> int:
     # transformers keeps some tensors in an lru_cache (DINOv3's patch coordinates), skipped while compiling: a fake
     # one cached here would come back in every later real run
     compiling = mock.patch.object(transformers.pytorch_utils, "is_torchdynamo_compiling", lambda: True)
-    with compiling, fake_tensor.FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as live:
+    eager = torch.compiler.set_stance("force_eager")  # a compiled module (--compile) is counted as it runs eagerly
+    with compiling, eager, fake_tensor.FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as live:
         step()
     return live.peak
 

@@ -250,6 +250,15 @@ class SegmentationModel(nn.Module):
         return upsample_to_source(logits, (padded_h, padded_w), content_size, output_size)
 
 
+def compile_blocks(model: SegmentationModel) -> SegmentationModel:
+    """torch.compile each transformer layer and the head in place, as Meta's training does per block: one small graph
+    reused by every layer, and the state dict keeps its names, so weights and checkpoints load compiled or not."""
+    for layer in model.vit().model.layer:
+        layer.compile()
+    model.head.compile()
+    return model
+
+
 def build_model(
     backbone_name_or_path, token=None, backbone_dtype="float32", normalization=None, any_architecture=False, **settings
 ) -> SegmentationModel:

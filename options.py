@@ -279,6 +279,12 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         **SWITCH,
         help="recompute activations in the backward pass: far less memory, ~30%% slower",
     )
+    optimisation.add_argument(
+        "--compile",
+        **SWITCH,
+        help="torch.compile each backbone layer and the head (faster steps on a GPU after a first slow one; the "
+        "weights and checkpoints are the same as uncompiled, so --resume works either way)",
+    )
     optimisation.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
 
     schedule = parser.add_argument_group("validation, logging, checkpoints")
@@ -498,6 +504,9 @@ def inference_parser(description: str = "") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--all-frames", **SWITCH, help="also predict every extracted frame that has no ground-truth mask"
+    )
+    parser.add_argument(
+        "--compile", **SWITCH, help="torch.compile each backbone layer and the head of every model (see training)"
     )
     parser.add_argument(
         "--precision",

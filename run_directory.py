@@ -36,6 +36,7 @@ from trained_model import CONFIG_VERSION, save_trainable_weights, trainable_stat
 # order or the model (e.g. a new batch size shifts where the epoch resumes).
 CHANGEABLE_ON_RESUME = {
     "resume",
+    "compile",
     "config",
     "hf_token_file",
     "num_workers",

@@ -35,7 +35,15 @@ import run_directory
 import tracking
 import trained_model
 from metrics import frame_record, summarize
-from model import HeadConfigError, LoRA, backbone_fingerprint, build_model, count_parameters, parameter_bytes
+from model import (
+    HeadConfigError,
+    LoRA,
+    backbone_fingerprint,
+    build_model,
+    compile_blocks,
+    count_parameters,
+    parameter_bytes,
+)
 from run_directory import RunDirectory
 
 
@@ -344,6 +352,8 @@ def setup(args, log) -> tuple[Training, LoopState]:
         training.pictured = set(shown[:: max(1, len(shown) // VALIDATION_PICTURES)][:VALIDATION_PICTURES])
     if rank == 0 and not state.finished and device.type in STEP_MEMORY_DEVICES:
         report_step_memory(training, log)
+    if args.compile:
+        compile_blocks(model)
     devices = [device.index] if device.type == "cuda" else None
     training.wrapped = DistributedDataParallel(model, device_ids=devices) if world > 1 else model
     return training, state
