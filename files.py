@@ -90,6 +90,12 @@ def lock_file(path: Path):
     return lock
 
 
+def unlock_file(lock) -> None:
+    """Release a lock_file lock now: unlocked, not only closed, since a forked child holding the file keeps a flock."""
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+
+
 def sampled_digest(path: Path, chunk: int = 1 << 16) -> str:
     """A cheap identity of a file's contents: a SHA-256 of its size and of its first, middle and last chunk bytes."""
     size = path.stat().st_size

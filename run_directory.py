@@ -198,7 +198,7 @@ class RunDirectory:
         if self.tracker:
             self.tracker.close()
         if self.lock:
-            self.lock.close()
+            files.unlock_file(self.lock)  # loader workers forked with the file open would otherwise keep it locked
             self.lock = None
 
 

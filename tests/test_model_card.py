@@ -25,9 +25,10 @@ REPOSITORY = "someone/tiny-sarrarp-model"
 
 @pytest.fixture(scope="module")
 def shared_model(demo_release, backbone, tmp_path_factory):
-    """A frozen-backbone model trained 2 steps, its card written by training."""
+    """A frozen-backbone model trained 2 steps, its card written by training (after its loader workers, which hold
+    the folder's lock file too)."""
     output = tmp_path_factory.mktemp("card") / "model"
-    arguments = [*training_folders(demo_release, backbone, output), "--max-steps", "2", "--num-workers", "0"]
+    arguments = [*training_folders(demo_release, backbone, output), "--max-steps", "2", "--num-workers", "2"]
     arguments += ["--resolution", "quarter", "--backbone-training", "frozen"]
     assert run_training.main([str(a) for a in arguments]) == 0
     return output
