@@ -1,10 +1,12 @@
 """One process or many (torchrun): rank, world size and device, and the collectives the loop needs. Every rank takes
 the same decisions, so that none waits forever at a barrier another rank never reaches."""
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 
 def setup() -> tuple[int, int, torch.device]:
@@ -56,6 +58,27 @@ def on_rank_zero(work, rank: int, device, refusal: Exception, errors=(Exception,
     if any_rank(error is not None, device):
         raise error or refusal
     return result
+
+
+def share(count: int, rank: int, world: int) -> list[int]:
+    """This rank's indices of count items, the same number on every rank: a sharded model (--fsdp) gathers its weights
+    in each forward, on all ranks together. A shorter share repeats its first index (score each index once)."""
+    indices = list(range(count))[rank::world]
+    return indices + (indices or [0])[:1] * (-(-count // world) - len(indices))
+
+
+@contextlib.contextmanager
+def local_gradients(model):
+    """Gradients of what runs inside accumulate on this rank only (DDP's no_sync; FSDP2's gradient sync off)."""
+    if not isinstance(model, FSDPModule):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def close() -> None:

@@ -18,13 +18,16 @@ import files
 import hub
 import outputs
 import run_directory
+import sharding
 
 CARD_FILE = "README.md"
 EVALUATIONS_FILE = "evaluations.json"
 # What `hf upload USER/REPO MODEL_DIR --exclude ...` leaves out: the resumable checkpoint (optimizer state, large),
-# locks, the ledger, killed writes, the trackers' logs and the predictions (frames of the data set in pictures)
+# and its shards (--fsdp), locks, the ledger, killed writes, the trackers' logs and the predictions (frames of the
+# data set in pictures)
 UPLOAD_EXCLUDE = (
     "checkpoint.pt",
+    f"{sharding.FOLDER}/*",
     ".lock",
     outputs.LEDGER,
     ".*.partial",

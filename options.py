@@ -285,6 +285,13 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
         help="torch.compile each backbone layer and the head (faster steps on a GPU after a first slow one; the "
         "weights and checkpoints are the same as uncompiled, so --resume works either way)",
     )
+    optimisation.add_argument(
+        "--fsdp",
+        **SWITCH,
+        help="under torchrun, shard the weights, gradients and Adam moments of --backbone-training full across the "
+        "processes (FSDP2), for backbones whose full training does not fit one GPU (ViT-H+, 7B); without it each "
+        "process holds a whole copy (DDP), which is faster when it fits",
+    )
     optimisation.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
 
     schedule = parser.add_argument_group("validation, logging, checkpoints")
@@ -397,10 +404,24 @@ def check_training_arguments(parser, args, sources=None) -> None:
         ),
         (args.image_std is not None and not min(args.image_std) > 0, f"{named('image_std')} must be positive"),
     ]
-    for refused, message in refusals:
+    for refused, message in refusals + fsdp_refusals(args):
         if refused:
             parser.error(message)
     refuse_unused(parser, args, sources, named)
+
+
+def fsdp_refusals(args) -> list[tuple[bool, str]]:
+    """--fsdp shards a full fine-tuning across torchrun's processes in bf16 or fp32, and nothing else."""
+    training = args.backbone_training
+    return [
+        (args.fsdp and "RANK" not in os.environ, "--fsdp shards across processes: launch with torchrun"),
+        (
+            args.fsdp and training != "full",
+            f"--fsdp shards --backbone-training full; {training} trains few weights and runs under torchrun "
+            "without it (DDP)",
+        ),
+        (args.fsdp and args.precision == "fp16", "--fsdp trains in bf16 or fp32: give --precision bf16 or fp32"),
+    ]
 
 
 def refuse_unused(parser, args, sources: dict, named) -> None:

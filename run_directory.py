@@ -26,6 +26,7 @@ import files
 import options
 import outputs
 import plots
+import sharding
 import tracking
 from backbone_files import architecture, resolve_backbone
 from cli import first_line
@@ -129,8 +130,11 @@ class RunDirectory:
     def restore(self, checkpoint: dict, model, optimizer, scheduler, scaler, state):
         """Load a verified checkpoint into the run's objects and this rank's RNG; returns the saved loop state, and
         drops from metrics.jsonl what was logged after the checkpoint."""
-        model.load_state_dict(checkpoint["model"], strict=False)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if "sharded" in checkpoint:  # --fsdp: the model's and optimizer's shards are beside it
+            sharding.load(self.path, checkpoint["sharded"], model, optimizer, self.rank, self.device, CheckpointError)
+        else:
+            model.load_state_dict(checkpoint["model"], strict=False)
+            optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         rng = checkpoint["rng"][self.rank]  # each rank's own generators: LoRA dropout differs per rank
@@ -171,23 +175,36 @@ class RunDirectory:
             if self.tracker:
                 self.tracker.log(record, pictures or {})
 
-    def save_weights(self, model, name: str) -> None:
-        """best/ or last/weights.safetensors (rank 0)."""
+    def save_weights(self, model, name: str) -> dict:
+        """best/ or last/weights.safetensors, written by rank 0; every rank calls it (a sharded model's weights are
+        gathered). Returns the weights saved (none on other ranks)."""
+        weights = trainable_state_dict(model)
         if self.rank == 0:
-            save_weights(model, self.path / name)
+            save_weights(weights, self.path / name)
+        return weights
 
     def save_checkpoint(self, model, optimizer, scheduler, scaler, state, selection_metric: str) -> None:
-        """last/ weights, the resumable checkpoint with every rank's RNG, and the redrawn curves."""
+        """last/ weights, the resumable checkpoint with every rank's RNG (a sharded model's own state in its shards),
+        and the redrawn curves."""
         rng = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
         rngs = distributed.gather(rng, self.world)
+        weights = self.save_weights(model, "last")
+        if sharding.is_sharded(model):
+            resumable = {
+                "model": {},
+                "optimizer": {},
+                "sharded": sharding.save(self.path, model, optimizer, state.step),
+            }
+        else:
+            resumable = {"model": weights, "optimizer": optimizer.state_dict()}
         if self.rank == 0:
-            save_weights(model, self.path / "last")
-            save_checkpoint(
-                self.checkpoint_path, model, optimizer, scheduler, scaler, {**dataclasses.asdict(state), "rng": rngs}
-            )
+            loop = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
+            save_checkpoint(self.checkpoint_path, {**resumable, **loop, **dataclasses.asdict(state)}, weights)
+            if "sharded" in resumable:
+                sharding.remove_stale(self.path, resumable["sharded"])
             plots.training_curves(read_records(self.metrics_file), self.path / "training_curves.png", selection_metric)
 
     def last_good_checkpoint(self) -> str:
@@ -401,10 +418,10 @@ def writing(path: Path):
         ) from None
 
 
-def save_weights(model, directory: Path) -> None:
+def save_weights(weights: dict, directory: Path) -> None:
     with writing(directory / "weights.safetensors"):
         directory.mkdir(parents=True, exist_ok=True)
-        save_trainable_weights(model, directory / "weights.safetensors")
+        save_trainable_weights(weights, directory / "weights.safetensors")
 
 
 def state_digest(value, digest=None) -> str:
@@ -446,19 +463,15 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
-    """Everything a killed run needs to continue exactly. Written beside, read back and verified, then renamed over
-    the previous checkpoint, which stays until then; weights that are not finite are never saved."""
-    checkpoint = {
-        "model": {name: tensor.cpu() for name, tensor in trainable_state_dict(model).items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        **state,
-    }
-    if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
+def save_checkpoint(path: Path, checkpoint: dict, weights: dict) -> None:
+    """Everything a killed run needs to continue exactly (the model's trained weights, the optimizer, schedule,
+    scaler, RNGs and loop state). Written beside, read back and verified, then renamed over the previous checkpoint,
+    which stays until then; a checkpoint of weights that are not finite is never saved (weights: the model's, also
+    when checkpoint keeps them in shards)."""
+    checkpoint = {**checkpoint, "model": {name: tensor.cpu() for name, tensor in checkpoint["model"].items()}}
+    if not all(torch.isfinite(t).all() for t in weights.values()):
         raise FloatingPointError(
-            f"the weights became non-finite at step {state['step']}; the last checkpoint in "
+            f"the weights became non-finite at step {checkpoint['step']}; the last checkpoint in "
             f"{path} was kept. Lower --lr, or use --precision fp32 / bf16"
         )
     checkpoint["sha256"] = state_digest(checkpoint)

@@ -32,6 +32,7 @@ import plots
 import progress_bars
 import report
 import run_directory
+import sharding
 import tracking
 import trained_model
 from metrics import frame_record, summarize
@@ -338,6 +339,10 @@ def setup(args, log) -> tuple[Training, LoopState]:
     precision = cli.precision_for(args.precision, device)
     cli.use_tf32(args.tf32)
     run.hold(data.records)
+    if args.compile:
+        compile_blocks(model)
+    if args.fsdp:  # before the optimizer, which then steps each rank's shards
+        sharding.shard(model, model.vit().model.layer, precision)
 
     training = make_training(args, run, data, model, precision)
     state = LoopState()
@@ -350,12 +355,10 @@ def setup(args, log) -> tuple[Training, LoopState]:
     if not state.finished and run.open_tracker(args.report_to, state.step if checkpoint is not None else None):
         shown = training.val_loader.sampler  # this rank's validation indices
         training.pictured = set(shown[:: max(1, len(shown) // VALIDATION_PICTURES)][:VALIDATION_PICTURES])
-    if rank == 0 and not state.finished and device.type in STEP_MEMORY_DEVICES:
+    if rank == 0 and not state.finished and device.type in STEP_MEMORY_DEVICES and not args.fsdp:
         report_step_memory(training, log)
-    if args.compile:
-        compile_blocks(model)
     devices = [device.index] if device.type == "cuda" else None
-    training.wrapped = DistributedDataParallel(model, device_ids=devices) if world > 1 else model
+    training.wrapped = DistributedDataParallel(model, device_ids=devices) if world > 1 and not args.fsdp else model
     return training, state
 
 
@@ -374,7 +377,7 @@ def make_training(args, run, data: Data, model, precision: str) -> Training:
     scaler = torch.amp.GradScaler(run.device.type, enabled=precision == "fp16")
     autocast = cli.autocast_for(precision, run.device)
     generator = torch.Generator().manual_seed(args.seed)
-    val_indices = list(range(len(data.val)))[run.rank :: run.world]  # no padding: every frame scored exactly once
+    val_indices = distributed.share(len(data.val), run.rank, run.world)
     loading = dict(
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -407,7 +410,7 @@ def train_step(training: Training, batches, step: int) -> tuple[float, int]:
         images = batch["image"].to(training.device, non_blocking=True)
         masks = batch["mask"].to(training.device, non_blocking=True).long()
         sync = micro == accumulation - 1 or training.world == 1
-        with training.wrapped.no_sync() if not sync else contextlib.nullcontext():
+        with distributed.local_gradients(training.wrapped) if not sync else contextlib.nullcontext():
             loss = forward_loss(training, training.wrapped, images, masks) / accumulation
             training.scaler.scale(loss).backward()  # a disabled scaler (bf16, fp32) passes the loss through
         loss_sum += loss.item()
@@ -470,12 +473,12 @@ def validate(model, loader, autocast, world: int, pictured=()) -> tuple[dict, di
             logits = model(batch["image"].to(device, non_blocking=True), data.source_size, data.content_size)
         predictions = logits.argmax(1).to(torch.uint8).cpu().numpy()
         for index, prediction, truth in zip(batch["index"].tolist(), predictions, batch["mask"].numpy()):
-            scored.append((data.samples[index].video, frame_record(prediction, truth)))
+            scored.append((index, data.samples[index].video, frame_record(prediction, truth)))
             if index in pictured:
                 kept[index] = prediction, truth
     model.train()
-    per_video = {}
-    for video, record in (item for part in distributed.gather(scored, world) for item in part):
+    per_video, every_frame = {}, {index: rest for part in distributed.gather(scored, world) for index, *rest in part}
+    for video, record in every_frame.values():  # each frame once (distributed.share repeats some)
         per_video.setdefault(video, []).append(record)
     return summarize(per_video), kept
 
@@ -580,6 +583,7 @@ EXPECTED_ERRORS = (
     dataset.DataError,
     run_directory.RunDirectoryError,
     run_directory.CheckpointError,
+    sharding.ShardingError,
     hub.BackboneError,
     HeadConfigError,
     tracking.TrackingError,

@@ -12,6 +12,7 @@ from torch import nn
 
 import backbone_files
 import files
+import sharding
 from cli import first_line
 from model import HeadConfigError, LoRA, SegmentationModel, backbone_fingerprint, build_model
 
@@ -20,12 +21,16 @@ CONFIG_VERSION = 2  # config.json written before version 2 meant the per-patch h
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trained weights: the head, plus LoRA (lora) or the whole backbone (full); a frozen backbone comes from
-    its own checkpoint."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    its own checkpoint. Of a sharded model (--fsdp) a collective: rank 0 receives the whole weights, the others none."""
+    trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if sharding.is_sharded(model):
+        return {name: tensor for name, tensor in sharding.full_state_dict(model).items() if name in trained}
+    return trained
 
 
-def save_trainable_weights(model: nn.Module, path) -> None:
-    tensors = {name: t.cpu().contiguous() for name, t in trainable_state_dict(model).items()}
+def save_trainable_weights(weights: dict[str, torch.Tensor], path) -> None:
+    """weights (trainable_state_dict) as a safetensors file, atomically."""
+    tensors = {name: t.cpu().contiguous() for name, t in weights.items()}
     temporary = files.partial_path(Path(path))
     save_file(tensors, str(temporary))
     os.replace(temporary, path)  # a killed save never leaves a truncated file under the real name

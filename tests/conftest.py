@@ -25,6 +25,17 @@ def run_script(*args, check=True, cwd=ROOT, env=None):
     return result
 
 
+def resumable_state(model, optimizer, scheduler, scaler, state: dict) -> tuple[dict, dict]:
+    """(checkpoint, weights) for run_directory.save_checkpoint, of a model trained in one process."""
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    optimisation = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    return {"model": weights, **optimisation, **state}, weights
+
+
 def training_folders(release, backbone, output) -> list:
     """The folders of a run_training.py command line: the data, the backbone and the run's output."""
     return ["--data-directory", release, "--backbone", backbone, "--output-directory", output]

@@ -22,7 +22,7 @@ from hub import DEFAULT_BACKBONE, BackboneError, resolve_hf_token  # noqa: E402
 from losses import weighted_cross_entropy  # noqa: E402
 from make_tiny_backbone import save_tiny_backbone  # noqa: E402
 from model import LoRA, build_model, count_parameters  # noqa: E402
-from trained_model import load_trainable_weights, save_trainable_weights  # noqa: E402
+from trained_model import load_trainable_weights, save_trainable_weights, trainable_state_dict  # noqa: E402
 
 SECRET = "hf_notARealTokenButSecret123"
 
@@ -159,7 +159,7 @@ def test_trainable_weights_round_trip(backbone_dir, tmp_path):
             if "lora_B" in name:
                 p.normal_()  # LoRA B starts at zero: make the adapter matter
     path = tmp_path / "adapter.safetensors"
-    save_trainable_weights(trained, path)
+    save_trainable_weights(trainable_state_dict(trained), path)
     assert not (tmp_path / "adapter.safetensors.tmp").exists()
     fresh = make_model(backbone_dir, seed=2).eval()
     images = random_images(1, 32, 64)
@@ -174,7 +174,7 @@ def test_loading_renamed_keys_raises(backbone_dir, tmp_path):
 
     model = make_model(backbone_dir)
     path = tmp_path / "adapter.safetensors"
-    save_trainable_weights(model, path)
+    save_trainable_weights(trainable_state_dict(model), path)
     renamed = {name.replace("base_model.model.", ""): t for name, t in load_file(path).items()}
     save_file(renamed, tmp_path / "renamed.safetensors")
     with pytest.raises(ValueError, match="missing"):

@@ -27,7 +27,7 @@ import run_directory
 import run_inference
 import run_training
 import trained_model
-from conftest import ROOT, run_script
+from conftest import ROOT, resumable_state, run_script
 from make_tiny_backbone import save_tiny_backbone
 from test_data import EXTRACT, UNPACK, sequential_frames, zip_folder
 from test_training import SECRET, records, training_args
@@ -260,13 +260,13 @@ def test_a_checkpoint_is_replaced_only_by_a_verified_finite_one(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     path = tmp_path / "checkpoint.pt"
-    run_directory.save_checkpoint(path, model, optimizer, scheduler, scaler, {"step": 1})
+    run_directory.save_checkpoint(path, *resumable_state(model, optimizer, scheduler, scaler, {"step": 1}))
     good = path.read_bytes()
 
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite at step 2; the last checkpoint .* was kept"):
-        run_directory.save_checkpoint(path, model, optimizer, scheduler, scaler, {"step": 2})
+        run_directory.save_checkpoint(path, *resumable_state(model, optimizer, scheduler, scaler, {"step": 2}))
     assert path.read_bytes() == good and run_directory.load_checkpoint(path)["step"] == 1
     assert "step 1" in run_directory.last_good_checkpoint(path)
     path.write_bytes(good[:100])

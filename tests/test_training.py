@@ -1,10 +1,13 @@
 """Training entry point: outputs, resume, many processes, token hygiene, clear errors."""
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ import run_training
 from conftest import ROOT, background_scores, run_script, training_folders
 
 TRAIN = ROOT / "run_training.py"
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
 SECRET = "hf_doNotLeakThisTokenAnywhere0123456789"
 
 
@@ -65,24 +69,49 @@ def test_a_short_run_writes_every_output_and_the_loss_goes_down(demo_release, ba
     assert validations[-1]["val"]["frames"] == 3 * len(split["val"])
 
 
-def kill_and_resume(demo_release, backbone, tmp_path, *extra):
-    """Train 10 steps straight, and again killed mid-run then resumed: the same weights and log, and the same command
-    again finds the run finished. Returns (arguments, the resumed run's folder)."""
+def process_states() -> dict[int, tuple[str, int]]:
+    """Every process's (state, parent pid), from /proc."""
+    states = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, parent = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            states[int(stat.parent.name)] = state, int(parent)
+    return states
+
+
+def kill_with_descendants(process: subprocess.Popen) -> None:
+    """SIGKILL a process and every process it started (torchrun starts each rank in a session of its own), as when
+    the machine dies, and wait until they are gone."""
+    family, states = {process.pid}, process_states()
+    while grown := {pid for pid, (_, parent) in states.items() if parent in family} - family:
+        family |= grown
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    while any(process_states().get(pid, ("Z",))[0] != "Z" for pid in family):
+        time.sleep(0.02)
+
+
+def kill_and_resume(demo_release, backbone, tmp_path, *extra, launcher=(sys.executable,)):
+    """Train 10 steps straight, and again killed mid-run (every process of it) then resumed: the same weights and
+    log, and the same command again finds the run finished. launcher: what runs run_training.py (e.g. TORCHRUN).
+    Returns (arguments, the resumed run's folder)."""
     arguments = ["--max-steps", "10", "--checkpoint-every", "1", "--val-every", "5", *extra]
-    run_script(*training_args(demo_release, backbone, tmp_path / "straight", *arguments))
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script(*launcher, *training_args(demo_release, backbone, tmp_path / "straight", *arguments), env=env)
 
     interrupted = tmp_path / "interrupted"
-    command = [sys.executable, *map(str, training_args(demo_release, backbone, interrupted, *arguments))]
+    command = [*launcher, *map(str, training_args(demo_release, backbone, interrupted, *arguments))]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not ((interrupted / "metrics.jsonl").exists() and len(records(interrupted)) >= 4):
         assert process.poll() is None, "the run finished before it could be killed"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_with_descendants(process)
     stopped_at = torch.load(interrupted / "checkpoint.pt", weights_only=True)["step"]
     assert 1 <= stopped_at < 10
 
-    result = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume"))
+    result = run_script(*launcher, *training_args(demo_release, backbone, interrupted, *arguments, "--resume"), env=env)
     assert f"resuming at step {stopped_at} of 10" in result.stdout
     straight = load_file(tmp_path / "straight" / "last" / "weights.safetensors")
     resumed = load_file(interrupted / "last" / "weights.safetensors")
@@ -91,7 +120,9 @@ def kill_and_resume(demo_release, backbone, tmp_path, *extra):
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
     assert [r["step"] for r in records(interrupted) if "loss" in r] == list(range(1, 11))
 
-    finished = run_script(*training_args(demo_release, backbone, interrupted, *arguments, "--resume"))
+    finished = run_script(
+        *launcher, *training_args(demo_release, backbone, interrupted, *arguments, "--resume"), env=env
+    )
     assert "holds a finished run (step 10); nothing to do" in finished.stdout
     return arguments, interrupted
 
@@ -114,10 +145,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_with_the_same_weights(de
 def test_two_processes_with_torchrun_train_together_and_only_rank_0_writes(demo_release, backbone, tmp_path):
     output = tmp_path / "ddp"
     result = run_script(
-        sys.executable,
-        *"-m torch.distributed.run --nproc_per_node 2".split(),
-        *training_args(demo_release, backbone, output, "--max-steps", "4"),
-        env={"OMP_NUM_THREADS": "1"},
+        *TORCHRUN, *training_args(demo_release, backbone, output, "--max-steps", "4"), env={"OMP_NUM_THREADS": "1"}
     )
     assert result.stdout.count("done: best validation score") == 1
     assert result.stdout.count("trainable of") == 1

@@ -32,7 +32,7 @@ import run_inference
 import run_training
 import test_backbone_files
 import video
-from conftest import ROOT, decode_all, training_folders
+from conftest import ROOT, decode_all, resumable_state, training_folders
 from make_tiny_backbone import save_tiny_backbone
 from test_reliability import one_line_error, train_in_process
 
@@ -257,7 +257,7 @@ def test_a_full_disk_is_named_as_such_even_in_torch_s_words(tmp_path, monkeypatc
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     parts = (model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
     with pytest.raises(run_directory.SaveError, match=r"checkpoint.pt \(no space left on device\)"):
-        run_directory.save_checkpoint(tmp_path / "checkpoint.pt", *parts, {"step": 1})
+        run_directory.save_checkpoint(tmp_path / "checkpoint.pt", *resumable_state(*parts, {"step": 1}))
 
 
 def test_a_full_disk_during_inference_names_the_file(release, trained, tmp_path, monkeypatch, capsys):
@@ -490,7 +490,8 @@ def test_scoring_refuses_folds_of_two_runs_and_an_unfinished_fold(release, folds
     unfinished = shutil.copytree(folds / "2e-3", tmp_path / "unfinished")
     checkpoint = run_directory.load_checkpoint(unfinished / "fold_1" / "checkpoint.pt")
     parts = checkpoint_parts()
-    run_directory.save_checkpoint(unfinished / "fold_1" / "checkpoint.pt", *parts, {**checkpoint, "finished": False})
+    state = {**checkpoint, "finished": False}
+    run_directory.save_checkpoint(unfinished / "fold_1" / "checkpoint.pt", *resumable_state(*parts, state))
     score = ["score", str(unfinished / "fold_0"), str(unfinished / "fold_1"), "--data-directory", str(release)]
     assert cross_validate.main(score) == 1
     assert f"{unfinished / 'fold_1'} has not finished training" in one_line_error(capsys.readouterr().err)
