@@ -246,7 +246,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     "index": position in samples}.
 
     Augmentation is seeded by (seed, epoch, index), so a sample looks the same whichever worker
-    loads it: a resumed run sees exactly the images an uninterrupted one would have.
+    loads it: a resumed run sees exactly the images an uninterrupted one would have. The epoch is
+    in shared memory, so that loader workers which outlive an epoch (persistent_workers) see the
+    next one's.
     """
 
     def __init__(
@@ -260,12 +262,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
         augmentation: str = "default",
     ):
         self.samples = samples
-        self.seed, self.epoch = seed, 0
+        self.seed, self.shared_epoch = seed, torch.zeros((), dtype=torch.int64).share_memory_()
         self.source_size = source_size
         self.content_size, self.padded_size = training_size(source_size, scale)
         self.cache_frames = cache_frames
         self.spatial = spatial_augmentation(augmentation) if augment else None
         self.colour = colour_augmentation(augmentation) if augment else None
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.shared_epoch.fill_(value)
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -3,6 +3,7 @@ the same decisions, so that none waits forever at a barrier another rank never r
 
 import contextlib
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,17 @@ def on_rank_zero(work, rank: int, device, refusal: Exception, errors=(Exception,
     if any_rank(error is not None, device):
         raise error or refusal
     return result
+
+
+def check_same(seen: dict, world: int, error: type[Exception], hint: str) -> None:
+    """Every rank sees what rank 0 sees: seen maps what is looked at (e.g. "the training data sarrarp/train") to what
+    this rank finds there. A difference raises error on every rank, naming the first rank and host that differs."""
+    every = gather((socket.gethostname(), seen), world)
+    host, expected = every[0]
+    for rank, (other_host, found) in enumerate(every):
+        for what, value in found.items():
+            if value != expected[what]:
+                raise error(f"rank {rank} (on {other_host}) does not see {what} as rank 0 (on {host}) does: {hint}")
 
 
 def share(count: int, rank: int, world: int) -> list[int]:

@@ -108,6 +108,19 @@ def training_parser(description: str = "") -> argparse.ArgumentParser:
     data.add_argument(
         "--num-workers", type=int, default=WORKERS, help="data loader processes per GPU (default: %(default)s)"
     )
+    data.add_argument(
+        "--prefetch-factor",
+        type=int,
+        default=2,
+        help="batches each loader process prepares ahead; raise it if the GPU waits in bursts (default: %(default)s)",
+    )
+    data.add_argument(
+        "--persistent-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the loader processes from one epoch and one validation to the next instead of starting them "
+        "again, each holding its own copy of the dataset (default: on)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -372,7 +385,7 @@ def check_training_arguments(parser, args, sources=None) -> None:
     cli.check_ranges(
         parser,
         args,
-        at_least_one=(*at_least_one, "max_steps", "head_hidden", "train_videos"),
+        at_least_one=(*at_least_one, "max_steps", "head_hidden", "train_videos", "prefetch_factor"),
         non_negative=(*non_negative, "seed", "dice_weight", "lr", "head_lr", "backbone_lr"),
         named=named,
     )

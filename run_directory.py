@@ -41,6 +41,8 @@ CHANGEABLE_ON_RESUME = {
     "config",
     "hf_token_file",
     "num_workers",
+    "prefetch_factor",
+    "persistent_workers",
     "val_every",
     "checkpoint_every",
     "log_every",
@@ -54,6 +56,10 @@ CHANGEABLE_ON_RESUME = {
     "max_steps",  # a budget that changes on --resume: run_training.change_budget
     "epochs",
 }
+SHARED_PATHS = (
+    "every node must see --data-directory, --backbone and --output-directory at the same path (a shared file "
+    "system, or copies of the data and the backbone on each node; see docs/training.md, several nodes)"
+)
 START_AGAIN = "restore it, or start a new run in another --output-directory"
 
 
@@ -104,6 +110,25 @@ class RunDirectory:
                 f"--resume continues a run with its own settings, but these changed: {'; '.join(changed)}"
             )
         return saved
+
+    def check_inputs_shared(self, args) -> None:
+        """Before anything is read or written: every rank (on every node) finds the data, the backbone and the run's
+        folder as rank 0 does."""
+        train, checkpoint = Path(args.data_directory) / "train", self.checkpoint_path
+        seen = {
+            f"the training data {train}": sorted(os.listdir(train)) if train.is_dir() else None,
+            f"the backbone {args.backbone}": os.path.exists(args.backbone),
+            f"the run's checkpoint {checkpoint}": checkpoint.exists(),
+        }
+        distributed.check_same(seen, self.world, RunDirectoryError, SHARED_PATHS)
+
+    def check_records_shared(self, records: dict, fingerprints: dict) -> None:
+        """After rank 0 wrote the records: every rank reads them back in the run's folder, and read the same masks,
+        frames and backbone weights (a copy on another node that differs is caught)."""
+        seen = {f"the {name} that rank 0 wrote in {self.path}": json_or_none(self.path / name) for name in records}
+        labels = {"data": "training masks", "frames": "training frames", "backbone": "backbone weights"}
+        seen.update({f"the same {labels[name]} (their digest)": digest for name, digest in fingerprints.items()})
+        distributed.check_same(seen, self.world, RunDirectoryError, SHARED_PATHS)
 
     def hold(self, records: dict) -> None:
         """Create the folder, take its lock for this process's life, clear what killed writes left, and write the
@@ -310,6 +335,13 @@ def run_record(args, model, train_data, precision, world, device, fingerprints) 
         "device": device.type,
         "fingerprints": fingerprints,
     }
+
+
+def json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def read_run_config(path: Path) -> dict:

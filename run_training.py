@@ -2,6 +2,7 @@
 
 One process:  python run_training.py --data-directory sarrarp --output-directory trained-models
 Many GPUs:    torchrun --nproc_per_node 4 run_training.py ...   (DDP; only rank 0 writes and prints)
+Sharded, many nodes: --fsdp, scripts/train_multinode.sbatch   (docs/training.md, "Several GPUs" and "Several nodes")
 """
 
 import argparse
@@ -158,17 +159,9 @@ def epoch_batches(training, state) -> tuple:
     sampler.set_epoch(state.epoch)
     data.train.epoch = state.epoch
     per_step = args.batch_size * args.grad_accum_steps
-    indices = list(sampler)[state.batch_in_epoch * per_step :]
-    loader = DataLoader(
-        data.train,
-        batch_size=args.batch_size,
-        sampler=indices,
-        num_workers=args.num_workers,
-        drop_last=True,
-        pin_memory=training.device.type == "cuda",
-        generator=training.val_loader.generator,
-    )
-    return iter(loader), len(indices) // per_step
+    loader = training.train_loader
+    loader.sampler[:] = list(sampler)[state.batch_in_epoch * per_step :]  # in place: its workers live on
+    return iter(loader), len(loader.sampler) // per_step
 
 
 # ----------------------------------------------------------------------------- model and optimisation
@@ -306,8 +299,9 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     autocast: object  # cli.autocast_for: autocast() -> a context
-    # Every loader draws its worker seeds from val_loader.generator, so that the global RNG (LoRA dropout) advances
-    # identically in an uninterrupted and in a resumed run.
+    # Both loaders draw their worker seeds from one generator of their own, so that the global RNG (LoRA dropout)
+    # advances identically in an uninterrupted and in a resumed run. Their workers live as long as the run.
+    train_loader: DataLoader  # its sampler, a list, is each epoch's order (epoch_batches)
     val_loader: DataLoader
     steps_per_epoch: int
     total_steps: int
@@ -324,6 +318,7 @@ def setup(args, log) -> tuple[Training, LoopState]:
     that can fail on bad input (the folder, data, backbone, token) runs before anything is written."""
     rank, world, device = distributed.setup()
     run = RunDirectory(Path(args.output_directory), rank, world, device)
+    run.check_inputs_shared(args)  # a rank on another node that cannot find them
     saved_config = run.check_request(args)
     torch.manual_seed(args.seed)
     data = prepare_data(args, rank, device)
@@ -339,6 +334,7 @@ def setup(args, log) -> tuple[Training, LoopState]:
     precision = cli.precision_for(args.precision, device)
     cli.use_tf32(args.tf32)
     run.hold(data.records)
+    run.check_records_shared(data.records, fingerprints)
     if args.compile:
         compile_blocks(model)
     if args.fsdp:  # before the optimizer, which then steps each rank's shards
@@ -380,13 +376,16 @@ def make_training(args, run, data: Data, model, precision: str) -> Training:
     val_indices = distributed.share(len(data.val), run.rank, run.world)
     loading = dict(
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=(workers := args.num_workers),
         generator=generator,
-        pin_memory=run.device.type == "cuda",
+        pin_memory=run.device.type == "cuda",  # page-locked batches: the copy to the GPU overlaps the step
+        persistent_workers=args.persistent_workers and workers > 0,
+        prefetch_factor=args.prefetch_factor if workers else None,
     )
+    train_loader = DataLoader(data.train, sampler=[], drop_last=True, **loading)
     val_loader = DataLoader(data.val, sampler=val_indices, **loading)
     optimisation = (loss, optimizer, scheduler, scaler, autocast)
-    return Training(args, run, data, model, *optimisation, val_loader, steps_per_epoch, total_steps)
+    return Training(args, run, data, model, *optimisation, train_loader, val_loader, steps_per_epoch, total_steps)
 
 
 # ----------------------------------------------------------------------------- one step

@@ -18,7 +18,7 @@ import run_training
 from conftest import ROOT, background_scores, run_script, training_folders
 
 TRAIN = ROOT / "run_training.py"
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")  # a free port
 SECRET = "hf_doNotLeakThisTokenAnywhere0123456789"
 
 
@@ -98,12 +98,14 @@ def kill_and_resume(demo_release, backbone, tmp_path, *extra, launcher=(sys.exec
     log, and the same command again finds the run finished. launcher: what runs run_training.py (e.g. TORCHRUN).
     Returns (arguments, the resumed run's folder)."""
     arguments = ["--max-steps", "10", "--checkpoint-every", "1", "--val-every", "5", *extra]
-    env = {"OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1"}  # every part of both runs alike: sums in the same order
     run_script(*launcher, *training_args(demo_release, backbone, tmp_path / "straight", *arguments), env=env)
 
     interrupted = tmp_path / "interrupted"
     command = [*launcher, *map(str, training_args(demo_release, backbone, interrupted, *arguments))]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env}
+    )
     while not ((interrupted / "metrics.jsonl").exists() and len(records(interrupted)) >= 4):
         assert process.poll() is None, "the run finished before it could be killed"
         time.sleep(0.02)
@@ -283,3 +285,14 @@ def test_a_run_that_cannot_start_writes_nothing(demo_release, backbone, tmp_path
     result = run_script(*training_args(demo_release, backbone, output, "--max-steps", "1", *bad), check=False)
     assert result.returncode == 1 and result.stderr.startswith(message)
     assert not output.exists()
+
+
+def test_loader_workers_that_live_across_epochs_augment_each_epoch_as_one_process_does(
+    demo_release, backbone, tmp_path
+):
+    steps = "--max-steps 8 --val-every 4".split()  # two epochs (6 steps each), two validations
+    for workers in ("0", "2"):
+        run_script(*training_args(demo_release, backbone, tmp_path / workers, *steps, "--num-workers", workers))
+    in_process, in_workers = ([r["loss"] for r in records(tmp_path / w) if "loss" in r] for w in ("0", "2"))
+    assert json.loads((tmp_path / "2" / "config.json").read_text())["arguments"]["persistent_workers"] is True
+    assert in_workers == in_process
